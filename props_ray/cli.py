@@ -1,0 +1,78 @@
+"""The ``props-ray`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from props_ray.config import ConfigError, load_job
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set train.num_workers=1")
+
+
+def cmd_validate(args) -> int:
+    cfg = load_job(args.job, args.overrides)
+    trials = cfg.trials()
+    print(f"{args.job}: valid job '{cfg.name}' with {len(trials)} trial(s): "
+          + ", ".join(f"{m.display_name}" + ("" if e is None else f"@eps={e:g}") for m, e in trials))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from props_ray.pipeline import Job, format_table, summary_table
+
+    cfg = load_job(args.job, args.overrides)
+    t0 = time.time()
+    results = Job(cfg).run()
+    print()
+    print(format_table(summary_table(results)))
+    print(f"\njob {cfg.name} finished in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from props_ray.config import TrackingConfig
+
+    uri = args.tracking_uri or TrackingConfig().resolved_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}", flush=True)
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="props-ray", description="Privacy-preserving alignment on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a job on a local Ray instance or the cluster in RAY_ADDRESS")
+    _job_args(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("validate", help="check a job file without running it")
+    _job_args(p)
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("ui", help="open the MLflow UI on the job's tracking store")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(fn=cmd_ui)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

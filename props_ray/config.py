@@ -1,0 +1,313 @@
+"""Job configuration: one YAML file per job, validated, with ``--set a.b=value`` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the
+field. :func:`load_job` is the single entry point used by the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job file or override that does not validate; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field("embedded", description="'embedded', a local JSONL/JSON/Parquet file, or a Hugging Face dataset id")
+    format: Literal["auto", "hh_rlhf", "preference", "alpaca_eval"] = "auto"
+    split: str = "train"
+    num_pairs: int | None = Field(None, gt=0, description="embedded: pairs to generate (default 3000); files: keep the first N valid pairs")
+    stage_proportions: list[float] | None = Field(None, description="relative sizes of the K stage partitions (default equal)")
+    eval_prompts: int = Field(200, gt=0, description="held-out prompts for the win rate (never trained on)")
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_prompt_length: int = Field(8, gt=0)
+    max_response_length: int = Field(8, gt=0)
+
+    @field_validator("stage_proportions")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and (not v or any(not (p > 0 and math.isfinite(p)) for p in v)):
+            raise ValueError("every stage proportion must be a positive number")
+        return v
+
+
+class TaskConfig(_Section):
+    """The embedded preference task (used when data.source is 'embedded')."""
+
+    seed: int = 1234
+    response_length: int = Field(6, gt=0)
+    label_temperature: float = Field(0.1, gt=0)
+    topic_weight: float = Field(0.5, ge=0, description="how much of the hidden reward depends on the prompt's topic")
+
+
+class LoraConfig(_Section):
+    enabled: bool = True
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="default: per architecture (GPT-NeoX, GPT-2, Llama)")
+
+
+class SFTConfig(_Section):
+    """Warm-up of the embedded reference model."""
+
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    examples: int = Field(4096, gt=0)
+
+
+class TinyModelConfig(_Section):
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+
+
+class ModelConfig(_Section):
+    name: str = Field("embedded", description="'embedded' or a Hugging Face model id / local path")
+    tokenizer: str | None = None
+    cache_dir: str | None = Field(None, description="reference-model cache (default OUTPUT_DIR/cache)")
+    lora: LoraConfig = LoraConfig()
+    sft: SFTConfig = SFTConfig()
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    batch_size: int = Field(32, gt=0, description="pairs per optimizer step, over all workers")
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(5e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta: float = Field(0.1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="global gradient clipping for non-DP training")
+    log_every: int = Field(10, gt=0)
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (resuming from the last checkpoint)")
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be at least num_workers ({self.num_workers})")
+        return self
+
+
+class DPSGDConfig(_Section):
+    """DP-SGD settings (method 'dpsgd')."""
+
+    delta: float | None = Field(None, gt=0, lt=1, description="default 1/N, N = pairs trained on")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-pair clipping norm C")
+    noise_multiplier: float | None = Field(None, ge=0, description="fixed sigma instead of calibrating it to epsilon")
+    expected_batch_size: int | None = Field(None, gt=0, description="default train.batch_size")
+    physical_batch_size: int | None = Field(None, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+
+
+class MethodConfig(_Section):
+    method: Literal["nonprivate", "rr", "props", "dpsgd"]
+    name: str | None = Field(None, description="display name (default method, or props-RULE)")
+    loss: Literal["sigmoid", "robust", "soft"] | None = None
+    rule: Literal["mle", "posterior"] = "mle"
+    epsilons: list[float] | None = Field(None, description="override privacy.epsilons for this method")
+
+    @field_validator("epsilons")
+    @classmethod
+    def _eps(cls, v):
+        if v is not None and any(not (e > 0) for e in v):
+            raise ValueError("every epsilon must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.method == "nonprivate" and self.loss == "robust":
+            raise ValueError("the robust loss needs a flip rate; method 'nonprivate' has none")
+        if self.method in ("nonprivate", "rr", "dpsgd") and self.loss == "soft":
+            raise ValueError(f"the soft loss needs per-pair confidence, which method '{self.method}' does not produce")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        return f"props-{self.rule}" if self.method == "props" else self.method
+
+
+class PrivacyConfig(_Section):
+    epsilons: list[float] = Field(default_factory=lambda: [0.5])
+    secure_randomness: bool | None = Field(
+        None, description="draw RR from OS randomness; default: on for real data, seeded for the embedded task")
+    dpsgd: DPSGDConfig = DPSGDConfig()
+
+    @field_validator("epsilons")
+    @classmethod
+    def _eps(cls, v):
+        if not v or any(not (e > 0) for e in v):
+            raise ValueError("epsilons must be a non-empty list of numbers > 0")
+        return v
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int | None = Field(None, gt=0, description="default: the task's response length")
+    temperature: float = Field(1.0, gt=0)
+    samples_per_prompt: int = Field(2, gt=0)
+    judge: str = Field("oracle", description="'oracle' (embedded task) or a reward-model id/path")
+    label_accuracy: bool | None = Field(None, description="default: on for the embedded task, off otherwise")
+    batch_size: int = Field(128, gt=0)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = "props-ray"
+
+    def resolved_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+class JobConfig(_Section):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output_dir: str = "runs"
+    stages: int = Field(3, gt=0, description="K, the number of disjoint partitions / stages")
+    data: DataConfig = DataConfig()
+    task: TaskConfig = TaskConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    methods: list[MethodConfig] = Field(..., min_length=1)
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        props = self.data.stage_proportions
+        if props is not None and len(props) != self.stages:
+            raise ValueError(f"data.stage_proportions has {len(props)} entries but stages is {self.stages}")
+        names = [m.display_name for m in self.methods]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"methods: duplicate display names {sorted(dup)}; give each a distinct 'name'")
+        if self.data.source != "embedded" and self.eval.judge == "oracle":
+            raise ValueError("eval.judge 'oracle' only exists for data.source 'embedded'; "
+                             "give a reward-model id or path")
+        return self
+
+    # -- derived ------------------------------------------------------------
+    @property
+    def job_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.data.source == "embedded"
+
+    @property
+    def secure_randomness(self) -> bool:
+        s = self.privacy.secure_randomness
+        return (not self.is_embedded) if s is None else s
+
+    @property
+    def want_label_accuracy(self) -> bool:
+        v = self.eval.label_accuracy
+        return self.is_embedded if v is None else v
+
+    def trials(self) -> list[tuple[MethodConfig, float | None]]:
+        """(method, epsilon) pairs to run; epsilon is None for the non-private ceiling."""
+        out: list[tuple[MethodConfig, float | None]] = []
+        for m in self.methods:
+            if m.method == "nonprivate":
+                out.append((m, None))
+            else:
+                out.extend((m, float(e)) for e in (m.epsilons or self.privacy.epsilons))
+        return out
+
+
+# -- loading -------------------------------------------------------------------
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; list items are addressed by index (``methods.0.rule``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    path, value = assignment.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {assignment!r} names no field")
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {assignment!r}: '{where}' is not an index of the list")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {assignment!r}: field '{where}' is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {assignment!r}: '{last}' is not an index of the list")
+        node[int(last)] = _parse_value(value)
+    else:
+        node[last] = _parse_value(value)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job config {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  field '{field}': {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate_job(raw: dict, source: str = "<dict>") -> JobConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid job config {source}: the top level must be a mapping")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"job file {p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid job config {p}: the top level must be a mapping")
+    for o in overrides or []:
+        apply_override(raw, o)
+    return validate_job(raw, str(p))
+
+
+def dump_job(cfg: JobConfig) -> str:
+    """The resolved config as YAML (what gets logged as an artifact)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,354 @@
+"""A job, start to finish: data step, reference, every (method, epsilon) trial, evaluation, tracking.
+
+A trial trains through the K stage partitions:
+
+- ``nonprivate``: DPO on the raw labels of all partitions (the ceiling);
+- ``rr``: DPO on the randomized-response labels of all partitions;
+- ``props``: stage 1 trains on partition 1's RR labels; at stage k the
+  stage k-1 model relabels partition k (Ray Data batch inference), its label is
+  combined with the RR label, and DPO continues from the stage k-1 model;
+- ``dpsgd``: DPO with DP-SGD on the raw labels of all partitions.
+
+Everything a trial produces is written under ``JOB_DIR/trials/TRIAL``; a re-run
+of the same job skips what is complete and resumes the rest, reusing the
+persisted RR labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from props_ray.config import JobConfig, MethodConfig, dump_job
+from props_ray.data.prepare import PreparedData, prepare_data
+from props_ray.data.privatize import privatize_partition
+from props_ray.data.tokenize_step import to_training_dataset
+from props_ray.privacy.randomized_response import flip_probability
+from props_ray.win_rate import WinRate, label_accuracy, win_rate
+
+log = logging.getLogger(__name__)
+
+STAGE_METRIC_KEYS = ("loss", "reward_accuracy", "margin", "epsilon")
+
+
+@dataclass
+class TrialResult:
+    trial: str
+    method: str
+    epsilon: float | None
+    stages: int
+    win: WinRate
+    label_accuracy: float | None
+    stage_label_accuracy: list[float | None] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {"trial": self.trial, "method": self.method,
+                "epsilon": "inf" if self.epsilon is None else self.epsilon, "stages": self.stages,
+                "label_accuracy": self.label_accuracy, "win_rate": self.win.win_rate,
+                "win_rate_ci_low": self.win.ci_low, "win_rate_ci_high": self.win.ci_high,
+                **{k: v for k, v in self.extra.items() if k in ("final_epsilon", "delta")}}
+
+
+def trial_name(method: MethodConfig, epsilon: float | None) -> str:
+    return method.display_name if epsilon is None else f"{method.display_name}-eps{epsilon:g}"
+
+
+class Job:
+    def __init__(self, cfg: JobConfig, progress: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.say = progress
+        self.job_dir = cfg.job_dir.resolve()
+        self.timings: dict[str, float] = {}
+
+    # -- the whole job ----------------------------------------------------------
+    def run(self) -> list[TrialResult]:
+        from props_ray.ray_runtime import ensure_ray
+        from props_ray.reference import resolve_reference
+        from props_ray.tracking import Tracker
+
+        cfg = self.cfg
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        t = time.time()
+        self.tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment,
+                               journal=self.job_dir / "tracking-journal.jsonl")
+        self.tracker.flush()
+        self.job_run = self.tracker.run(cfg.name, cfg.name, tags={"props_ray.kind": "job"})
+        self.tracker.params(self.job_run, {"stages": cfg.stages, "seed": cfg.seed, "data_source": cfg.data.source,
+                                           "model": cfg.model.name})
+        config_path = self.job_dir / "job.yaml"
+        config_path.write_text(dump_job(cfg))
+        self.tracker.artifact(self.job_run, config_path)
+        self.say(f"job {cfg.name}: tracking at {cfg.tracking.resolved_uri()}, output in {self.job_dir}")
+
+        ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
+        self.timings["ray_start"] = time.time() - t
+
+        t = time.time()
+        self.base_path = resolve_reference(cfg)
+        self.timings["reference"] = time.time() - t
+        self.say(f"reference model: {self.base_path} ({self.timings['reference']:.1f}s)")
+
+        t = time.time()
+        self.data = prepare_data(cfg)
+        self.say(f"data: {self.data.num_pairs} pairs from {self.data.source} in {cfg.stages} partitions "
+                 f"{[len(p) for p in self.data.partitions]}, {len(self.data.eval_prompts)} held-out prompts"
+                 + (f", {len(self.data.skipped)} rows skipped" if self.data.skipped else ""))
+        self.judge = self._judge()
+        self.reference_scores = self._reference_scores()
+        self.timings["data_and_reference_eval"] = time.time() - t
+
+        results = []
+        for method, eps in cfg.trials():
+            t = time.time()
+            results.append(self.run_trial(method, eps))
+            self.timings[f"trial:{results[-1].trial}"] = time.time() - t
+
+        self._log_summary(results)
+        self.tracker.metrics(self.job_run, {f"seconds_{k.replace(':', '_')}": v for k, v in self.timings.items()})
+        self.tracker.finish(self.job_run)
+        self.tracker.flush()
+        return results
+
+    # -- one (method, epsilon) --------------------------------------------------
+    def run_trial(self, method: MethodConfig, epsilon: float | None) -> TrialResult:
+        cfg = self.cfg
+        name = trial_name(method, epsilon)
+        trial_dir = self.job_dir / "trials" / name
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        state_path = trial_dir / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+
+        run_id = self.tracker.run(f"{cfg.name}/{name}", name, parent=self.job_run,
+                                  tags={"props_ray.kind": "trial", "props_ray.method": method.method})
+        params = {"method": method.method, "epsilon": "inf" if epsilon is None else epsilon,
+                  "stages": cfg.stages, "loss": self._stage_loss(method, 1), "beta": cfg.train.beta,
+                  "num_workers": cfg.train.num_workers, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+                  "lr": cfg.train.lr, "lora": cfg.model.lora.enabled, "seed": cfg.seed}
+        if method.method == "props":
+            params["rule"] = method.rule
+        if epsilon is not None and method.method != "dpsgd":
+            params["flip_probability"] = flip_probability(epsilon)
+            params["secure_randomness"] = cfg.secure_randomness
+        self.tracker.params(run_id, params)
+
+        if "result" in state:
+            self.say(f"[{name}] already complete; reusing its results")
+            return self._result_from_state(state["result"])
+
+        self.say(f"[{name}] training {cfg.stages} stage(s)")
+        stage_pairs = self._stage_inputs(method, epsilon)  # stage -> pairs, or None where relabel decides
+        used_pairs: dict[int, pd.DataFrame] = {}
+        stage_info: dict[int, dict] = {}
+        checkpoints: dict[int, dict] = state["stages"]
+
+        if method.method == "props":
+            prev = None
+            for k in range(1, cfg.stages + 1):
+                pairs = stage_pairs[k]
+                if k > 1:
+                    pairs, info = self._relabel(k, pairs, prev, epsilon, method.rule, trial_dir)
+                    stage_info[k] = info
+                used_pairs[k] = pairs
+                if str(k) not in checkpoints:
+                    ck = self._fit(method, name, [k], {k: pairs}, epsilon,
+                                   init_adapter=prev["model_path"] if prev else None)[0]
+                    checkpoints[str(k)] = ck
+                    state_path.write_text(json.dumps(state, indent=1))
+                prev = checkpoints[str(k)]
+        else:
+            used_pairs = stage_pairs
+            todo = [k for k in range(1, cfg.stages + 1) if str(k) not in checkpoints]
+            if todo:
+                for ck in self._fit(method, name, todo, {k: stage_pairs[k] for k in todo}, epsilon, None):
+                    checkpoints[str(ck["stage"])] = ck
+                state_path.write_text(json.dumps(state, indent=1))
+
+        # -- tracking of the stages ------------------------------------------
+        for k in range(1, cfg.stages + 1):
+            self._log_stage(run_id, name, k, checkpoints[str(k)], stage_info.get(k, {}), used_pairs[k], method)
+
+        # -- evaluation --------------------------------------------------------
+        final = checkpoints[str(cfg.stages)]
+        t = time.time()
+        policy_scores = self._policy_scores(final["model_path"])
+        win = win_rate(policy_scores, self.reference_scores)
+        acc, stage_acc = None, []
+        if cfg.want_label_accuracy and method.method in ("rr", "props", "nonprivate"):
+            truth = self.data.truth()
+            stage_acc = [label_accuracy(used_pairs[k], truth) for k in range(1, cfg.stages + 1)]
+            acc = label_accuracy(pd.concat(used_pairs.values(), ignore_index=True), truth)
+        extra = {k: v for k, v in final.get("metrics", {}).items() if k in ("epsilon", "delta", "noise_multiplier",
+                                                                            "sample_rate", "steps")}
+        if "epsilon" in extra:
+            extra["final_epsilon"] = extra.pop("epsilon")
+        result = TrialResult(name, method.method, epsilon, cfg.stages, win, acc, stage_acc, extra)
+        self.tracker.metrics(run_id, {"win_rate": win.win_rate, "win_rate_ci_low": win.ci_low,
+                                      "win_rate_ci_high": win.ci_high, "wins": win.wins, "ties": win.ties,
+                                      "losses": win.losses, "label_accuracy": acc,
+                                      "eval_seconds": time.time() - t})
+        for k, a in enumerate(stage_acc, start=1):
+            self.tracker.metrics(run_id, {"stage_label_accuracy": a}, step=k)
+        self.tracker.artifact(run_id, final["model_path"], "adapter")
+        state["result"] = {"trial": name, "method": method.method, "epsilon": epsilon, "stages": cfg.stages,
+                           "win": win.as_dict(), "label_accuracy": acc, "stage_label_accuracy": stage_acc,
+                           "extra": extra}
+        state_path.write_text(json.dumps(state, indent=1))
+        self.tracker.finish(run_id)
+        self.say(f"[{name}] win rate {win.win_rate:.3f} [{win.ci_low:.3f}, {win.ci_high:.3f}]"
+                 + (f", label accuracy {acc:.3f}" if acc is not None else ""))
+        return result
+
+    # -- pieces -------------------------------------------------------------------
+    def _stage_inputs(self, method: MethodConfig, epsilon: float | None) -> dict[int, pd.DataFrame]:
+        cfg = self.cfg
+        out = {}
+        for k in range(1, cfg.stages + 1):
+            raw = self.data.partition(k)
+            if method.method in ("nonprivate", "dpsgd"):
+                out[k] = raw[["id", "prompt", "chosen", "rejected"]]
+            else:
+                priv = privatize_partition(raw, job_dir=self.job_dir, seed=cfg.seed, epsilon=epsilon, stage=k,
+                                           secure=cfg.secure_randomness)
+                if priv.reused:
+                    log.info("reusing persisted RR labels %s", priv.path)
+                out[k] = priv.pairs
+        return out
+
+    def _stage_loss(self, method: MethodConfig, stage: int) -> str:
+        if method.method == "props" and stage > 1:
+            return "soft" if method.rule == "posterior" else "sigmoid"
+        if method.loss == "soft":
+            return "sigmoid"
+        return method.loss or "sigmoid"
+
+    def _fit(self, method: MethodConfig, name: str, stages: list[int], pairs: dict[int, pd.DataFrame],
+             epsilon: float | None, init_adapter: str | None) -> list[dict]:
+        from props_ray.train.trainer import fit_stages
+
+        cfg = self.cfg
+        tok = self.base_path if cfg.model.tokenizer is None else cfg.model.tokenizer
+        datasets = {k: to_training_dataset(p, tok, cfg.data.max_prompt_length, cfg.data.max_response_length)
+                    for k, p in pairs.items()}
+        loss = self._stage_loss(method, stages[0])
+        flip = flip_probability(epsilon) if (epsilon is not None and loss == "robust") else None
+        t = time.time()
+        cks = fit_stages(cfg, run_name=f"{name}-stages-{'-'.join(map(str, stages))}", trial=name,
+                         method=method.method, stages=stages, datasets=datasets, base_path=self.base_path,
+                         init_adapter=init_adapter, loss=loss, flip_rate=flip,
+                         num_pairs=sum(len(p) for p in pairs.values()),
+                         extra={"epsilon": epsilon, "total_pairs": self.data.num_pairs})
+        self.say(f"[{name}] trained stage(s) {stages} in {time.time() - t:.1f}s")
+        return [{"stage": c.stage, "path": c.path, "model_path": c.model_path,
+                 "metrics": {k: v for k, v in c.metrics.items() if isinstance(v, (int, float, str, bool))}}
+                for c in cks]
+
+    def _relabel(self, k: int, privatized: pd.DataFrame, prev: dict, epsilon: float, rule: str,
+                 trial_dir: Path) -> tuple[pd.DataFrame, dict]:
+        from props_ray.relabel import apply_combination, score_partition
+
+        cfg = self.cfg
+        t = time.time()
+        tok = self.base_path if cfg.model.tokenizer is None else cfg.model.tokenizer
+        ds = to_training_dataset(privatized, tok, cfg.data.max_prompt_length, cfg.data.max_response_length,
+                                 keep_id=True)
+        margins = score_partition(ds, base_path=self.base_path, adapter_path=prev["model_path"],
+                                  model_cfg=cfg.model, beta=cfg.train.beta, use_gpu=cfg.train.use_gpu)
+        combined, comb = apply_combination(privatized, margins, epsilon, rule)
+        combined.to_parquet(trial_dir / f"labels-stage-{k}.parquet", index=False)  # privatized-derived only
+        info = {"disagreement": comb.disagreement, "model_error": comb.model_error,
+                "calibration_scale": comb.calibration_scale, "flipped_fraction": float(comb.flipped.mean()),
+                "relabel_seconds": time.time() - t}
+        self.say(f"[relabel stage {k}] model disagrees with RR on {comb.disagreement:.1%} of pairs; "
+                 + (f"gamma_M={comb.model_error:.3f}; " if comb.model_error is not None else "")
+                 + f"{comb.flipped.mean():.1%} of labels flipped ({info['relabel_seconds']:.1f}s)")
+        return combined, info
+
+    def _log_stage(self, trial_run: str, trial: str, k: int, ck: dict, info: dict, pairs: pd.DataFrame,
+                   method: MethodConfig) -> None:
+        stage_run = self.tracker.run(f"{self.cfg.name}/{trial}/stage-{k}", f"{trial}/stage-{k}", parent=trial_run,
+                                     tags={"props_ray.kind": "stage"})
+        if self.tracker.is_finished(stage_run):
+            return
+        self.tracker.params(stage_run, {"stage": k, "pairs": len(pairs), "loss": self._stage_loss(method, k)})
+        path = Path(ck["path"]) / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        self.tracker.metric_history(stage_run, [r for r in rows if r.get("stage") == k], STAGE_METRIC_KEYS)
+        self.tracker.metrics(stage_run, {k2: v for k2, v in info.items() if v is not None})
+        self.tracker.finish(stage_run)
+
+    def _judge(self):
+        from props_ray.judge import OracleJudge, RewardModelJudge
+        from props_ray.reference import embedded_task
+
+        if self.cfg.eval.judge == "oracle":
+            return OracleJudge(embedded_task(self.cfg))
+        return RewardModelJudge(self.cfg.eval.judge, use_gpu=self.cfg.train.use_gpu)
+
+    def _generate(self, adapter_path: str | None) -> pd.DataFrame:
+        from props_ray.generation import generate
+
+        cfg = self.cfg
+        return generate(self.data.eval_prompts, base_path=self.base_path, adapter_path=adapter_path,
+                        model_cfg=cfg.model, samples_per_prompt=cfg.eval.samples_per_prompt,
+                        max_new_tokens=cfg.eval.max_new_tokens or cfg.task.response_length,
+                        temperature=cfg.eval.temperature, seed=cfg.seed + (0 if adapter_path is None else 1),
+                        max_prompt_length=cfg.data.max_prompt_length, fixed_length=cfg.is_embedded,
+                        use_gpu=cfg.train.use_gpu, num_actors=max(1, min(2, cfg.train.num_workers)))
+
+    def _reference_scores(self):
+        path = self.job_dir / "eval" / "reference-generations.parquet"
+        if path.exists():
+            gens = pd.read_parquet(path)
+        else:
+            gens = self._generate(None)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            gens.to_parquet(path, index=False)
+        return self.judge.score(gens)
+
+    def _policy_scores(self, adapter_path: str):
+        return self.judge.score(self._generate(adapter_path))
+
+    def _result_from_state(self, r: dict) -> TrialResult:
+        return TrialResult(r["trial"], r["method"], r["epsilon"], r["stages"], WinRate(**r["win"]),
+                           r["label_accuracy"], r["stage_label_accuracy"], r.get("extra", {}))
+
+    def _log_summary(self, results: list[TrialResult]) -> None:
+        table = summary_table(results)
+        out = self.job_dir / "summary"
+        out.mkdir(exist_ok=True)
+        table.to_csv(out / "summary.csv", index=False)
+        (out / "summary.md").write_text(format_table(table, markdown=True) + "\n")
+        self.tracker.artifact(self.job_run, out / "summary.csv")
+        self.tracker.artifact(self.job_run, out / "summary.md")
+
+
+def summary_table(results: list[TrialResult]) -> pd.DataFrame:
+    return pd.DataFrame([r.row() for r in results])
+
+
+def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
+    """method, epsilon, stages, label accuracy, win rate +- CI as aligned text or Markdown."""
+    rows = []
+    for r in table.to_dict("records"):
+        acc = "-" if r["label_accuracy"] is None or pd.isna(r["label_accuracy"]) else f"{r['label_accuracy']:.3f}"
+        half = (r["win_rate_ci_high"] - r["win_rate_ci_low"]) / 2
+        eps = r["epsilon"]
+        if "final_epsilon" in r and r.get("final_epsilon") is not None and not pd.isna(r.get("final_epsilon")):
+            eps = f"{eps} (spent {r['final_epsilon']:.3f})"
+        rows.append([r["trial"], r["method"], str(eps), str(r["stages"]), acc,
+                     f"{r['win_rate']:.3f} ± {half:.3f}"])
+    head = ["trial", "method", "epsilon", "stages", "label accuracy", "win rate ± 95% CI"]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])

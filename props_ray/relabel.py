@@ -1,0 +1,82 @@
+"""Relabel a partition with the previous stage's model, by Ray Data batch inference.
+
+``StageScorer`` is a callable class for ``Dataset.map_batches``: each actor
+loads the stage checkpoint once and scores batches of pairs with the DPO
+implicit reward margin
+
+    beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)],
+
+in the pair's privatized orientation. The margins of the whole partition then
+go to :func:`props_ray.privacy.label_combination.combine_labels`, which needs a
+partition-wide statistic (the model's disagreement rate), and the combined
+labels are applied by :func:`apply_combination`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from props_ray.config import ModelConfig
+from props_ray.dpo.logprobs import pair_logprobs
+from props_ray.dpo.losses import implicit_reward_margin
+from props_ray.dpo.tokenize import PAIR_TENSORS
+from props_ray.privacy.label_combination import Combination, combine_labels
+
+
+class StageScorer:
+    def __init__(self, base_path: str, adapter_path: str, model_cfg: dict, beta: float, use_gpu: bool = False):
+        from props_ray.modeling import Reference, build_policy
+
+        torch.set_num_threads(1)
+        cfg = ModelConfig.model_validate(model_cfg)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.policy = build_policy(base_path, cfg, adapter_path=adapter_path, device=self.device,
+                                   trainable=False).eval()
+        self.reference = Reference.for_policy(self.policy, cfg, base_path, self.device)
+        self.beta = beta
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        tensors = {k: torch.as_tensor(batch[k], device=self.device) for k in PAIR_TENSORS}
+        pol_c, pol_r = pair_logprobs(self.policy, tensors)
+        ref_c, ref_r = self.reference.pair_logprobs(tensors)
+        margin = self.beta * implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
+        return {"id": batch["id"], "margin": margin.float().cpu().numpy()}
+
+
+def score_partition(tokenized, *, base_path: str, adapter_path: str, model_cfg: ModelConfig, beta: float,
+                    num_actors: int = 1, use_gpu: bool = False, batch_size: int = 128) -> pd.DataFrame:
+    """Margins {id, margin} of every pair of a tokenized Ray Dataset (which must keep ``id``)."""
+    import ray.data
+
+    scored = tokenized.map_batches(
+        StageScorer, batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        fn_constructor_kwargs={"base_path": base_path, "adapter_path": adapter_path,
+                               "model_cfg": model_cfg.model_dump(), "beta": beta, "use_gpu": use_gpu},
+        num_gpus=1 if use_gpu else 0, num_cpus=1)
+    return scored.to_pandas()
+
+
+def apply_combination(privatized: pd.DataFrame, margins: pd.DataFrame, epsilon: float,
+                      rule: str) -> tuple[pd.DataFrame, Combination]:
+    """Combined labels for a privatized partition.
+
+    Returns {id, prompt, chosen, rejected, confidence} where ``chosen`` is the
+    response the combination prefers and ``confidence`` the probability it is
+    truly preferred (1.0 for the hard ``mle`` rule).
+    """
+    merged = privatized.merge(margins[["id", "margin"]], on="id", how="left", validate="one_to_one")
+    if merged["margin"].isna().any():
+        missing = merged.loc[merged["margin"].isna(), "id"].head(3).tolist()
+        raise RuntimeError(f"relabel produced no margin for pairs {missing}")
+    comb = combine_labels(merged["margin"].to_numpy(), epsilon, rule)
+    flip = comb.flipped
+    out = merged[["id", "prompt"]].copy()
+    out["chosen"] = np.where(flip, merged["rejected"], merged["chosen"])
+    out["rejected"] = np.where(flip, merged["chosen"], merged["rejected"])
+    conf = np.where(flip, 1.0 - comb.confidence, comb.confidence)
+    out["confidence"] = conf.astype(np.float32)
+    return out, comb

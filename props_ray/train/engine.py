@@ -1,0 +1,57 @@
+"""How one optimizer step is taken: the part that differs between non-private DPO and DP-SGD.
+
+The training loop (:mod:`props_ray.train.loop`) is the same for every method;
+it asks an *engine* to wrap the model, to yield the physical batches of each
+logical step from the worker's data shard, to back-propagate the per-pair
+losses and to step the optimizer. :class:`StandardEngine` is data-parallel DPO
+(DDP, shuffled mini-batches, global gradient clipping);
+``props_ray.dpsgd.engine.DPSGDEngine`` is DP-SGD.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from props_ray.dpo.tokenize import PAIR_TENSORS
+
+TRAIN_COLUMNS = (*PAIR_TENSORS, "confidence")
+
+
+class StandardEngine:
+    name = "standard"
+
+    def __init__(self, batch_size: int, world_size: int, max_grad_norm: float | None, seed: int):
+        self.per_worker_batch = max(1, batch_size // world_size)
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+
+    def wrap(self, model, optimizer, num_pairs: int):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}), optimizer
+
+    def logical_batches(self, shard, epoch: int, device) -> Iterator[list[dict[str, torch.Tensor]]]:
+        for batch in shard.iter_torch_batches(batch_size=self.per_worker_batch, device=device,
+                                              local_shuffle_buffer_size=4 * self.per_worker_batch,
+                                              local_shuffle_seed=self.seed + epoch):
+            yield [batch]
+
+    def backward(self, per_pair_loss: torch.Tensor) -> None:
+        per_pair_loss.mean().backward()
+
+    def step(self, model, optimizer) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], self.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def metrics(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

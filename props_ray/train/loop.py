@@ -1,0 +1,166 @@
+"""The DPO training loop that runs on every Ray Train worker.
+
+Read it top to bottom: set up the worker, build the policy and its
+reference, let the engine wrap them (DDP, or DP-SGD), resume from a
+checkpoint if Ray Train hands one back, then for each stage partition train
+``epochs`` passes over this worker's shard and report one checkpoint per
+stage. Metrics are kept in the checkpoint (``metrics.jsonl``) so the driver
+logs them to MLflow; workers never talk to the tracking server.
+
+The worker sees only tokenized pairs and their label confidence: the
+privatized (or, for PROPS, post-processed) labels are already encoded in
+which response is "chosen".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from props_ray.config import JobConfig
+from props_ray.dpo.logprobs import pair_logprobs
+from props_ray.dpo.losses import dpo_loss, implicit_reward_margin
+from props_ray.modeling import Reference, build_policy, save_policy
+
+TRAIN_STATE = "train_state.pt"
+METRICS = "metrics.jsonl"
+
+
+def make_engine(cfg: JobConfig, method: str, world_size: int, loop_config: dict):
+    if method == "dpsgd":
+        from props_ray.dpsgd.engine import DPSGDEngine
+
+        return DPSGDEngine.from_config(cfg, world_size, loop_config)
+    from props_ray.train.engine import StandardEngine
+
+    return StandardEngine(cfg.train.batch_size, world_size, cfg.train.max_grad_norm, cfg.seed)
+
+
+def maybe_inject_fault(stage: int, step: int, rank: int, attempt_dir: Path) -> None:
+    """Fault injection for the tests: PROPS_RAY_FAIL_AT='STAGE:STEP' makes rank 1 (or 0 when
+    alone) raise once at that point. A marker file makes it fire only once per job."""
+    spec = os.environ.get("PROPS_RAY_FAIL_AT")
+    if not spec:
+        return
+    s, t = (int(x) for x in spec.split(":"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    marker = attempt_dir / f".fault-injected-{s}-{t}"
+    if (s, t) == (stage, step) and rank == min(1, world - 1) and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("")
+        raise RuntimeError(f"injected fault at stage {stage}, step {step} on rank {rank}")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    # -- set-up ---------------------------------------------------------------
+    cfg = JobConfig.model_validate(loop_config["job"])
+    method: str = loop_config["method"]
+    stages: list[int] = loop_config["stages"]
+    loss_name: str = loop_config["loss"]
+    flip_rate: float | None = loop_config.get("flip_rate")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
+    use_autocast = autocast_dtype is not None and device.type == "cuda"
+
+    # -- model, reference, optimizer ------------------------------------------
+    resume = ray.train.get_checkpoint()
+    state: dict = {}
+    adapter = loop_config.get("init_adapter")
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            adapter = str(Path(d) / "model")
+            policy = build_policy(loop_config["base_path"], cfg.model, adapter_path=adapter, device=device)
+    else:
+        policy = build_policy(loop_config["base_path"], cfg.model, adapter_path=adapter, device=device)
+    reference = Reference.for_policy(policy, cfg.model, loop_config["base_path"], device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    engine = make_engine(cfg, method, world, loop_config)
+    model, optimizer = engine.wrap(policy, optimizer, loop_config["num_pairs"])
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        engine.load_state_dict(state.get("engine", {}))
+    done_stages: list[int] = state.get("done_stages", [])
+    start_epoch: int = state.get("next_epoch", 0)
+    history: list[dict] = state.get("history", [])
+    step = state.get("step", 0)
+
+    attempt_dir = Path(loop_config["job_dir"])
+    # -- stages ---------------------------------------------------------------
+    for stage in stages:
+        if stage in done_stages:
+            continue
+        shard = ray.train.get_dataset_shard(f"stage_{stage}")
+        for epoch in range(start_epoch, cfg.train.epochs):
+            t0 = time.time()
+            for physical_batches in engine.logical_batches(shard, epoch, device):
+                stats = torch.zeros(4, device=device)  # loss sum, correct, margin sum, pairs
+                for batch in physical_batches:
+                    ref_c, ref_r = reference.pair_logprobs(batch)
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                        pol_c, pol_r = pair_logprobs(model, batch)
+                    margin = implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
+                    per_pair = dpo_loss(loss_name, margin, cfg.train.beta, flip_rate=flip_rate,
+                                        confidence=batch.get("confidence"))
+                    engine.backward(per_pair)
+                    with torch.no_grad():
+                        stats += torch.stack([per_pair.sum(), (margin > 0).float().sum(),
+                                              (cfg.train.beta * margin).sum(),
+                                              torch.tensor(float(margin.numel()), device=device)])
+                engine.step(model, optimizer)
+                step += 1
+                maybe_inject_fault(stage, step, rank, attempt_dir)
+                if step % cfg.train.log_every == 0:
+                    if world > 1:
+                        torch.distributed.all_reduce(stats)
+                    n = max(stats[3].item(), 1.0)
+                    row = {"stage": stage, "epoch": epoch, "step": step, "loss": stats[0].item() / n,
+                           "reward_accuracy": stats[1].item() / n, "margin": stats[2].item() / n,
+                           **engine.metrics()}
+                    history.append(row)
+                    if rank == 0:
+                        print(f"[props-ray] {loop_config['trial']} stage {stage} epoch {epoch + 1}/"
+                              f"{cfg.train.epochs} step {step}: loss {row['loss']:.4f} "
+                              f"reward acc {row['reward_accuracy']:.3f}"
+                              + (f" epsilon {row['epsilon']:.3f}" if "epsilon" in row else ""), flush=True)
+            # An epoch-end checkpoint lets a failed worker resume mid-stage.
+            last_epoch = epoch == cfg.train.epochs - 1
+            if last_epoch:
+                done_stages.append(stage)
+            _report(model, optimizer, engine, rank, stage, epoch, last_epoch, done_stages, history, step,
+                    time.time() - t0)
+        start_epoch = 0
+
+
+def _report(model, optimizer, engine, rank, stage, epoch, stage_done, done_stages, history, step, seconds):
+    import ray.train
+
+    metrics = {"stage": stage, "epoch": epoch, "stage_done": stage_done, "step": step,
+               "epoch_seconds": seconds, **engine.metrics()}
+    if history:
+        metrics.update({k: history[-1][k] for k in ("loss", "reward_accuracy", "margin")})
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_policy(model, Path(tmp) / "model")
+            torch.save({"optimizer": optimizer.state_dict(), "engine": engine.state_dict(),
+                        "done_stages": list(done_stages), "next_epoch": 0 if stage_done else epoch + 1,
+                        "stage": stage, "step": step, "history": history}, Path(tmp) / TRAIN_STATE)
+            with open(Path(tmp) / METRICS, "w") as f:
+                for row in history:
+                    f.write(json.dumps(row) + "\n")
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,64 @@
+"""Ray Train glue: run the training loop over some stages with a ``TorchTrainer``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from props_ray.config import JobConfig
+from props_ray.train.loop import METRICS, train_loop_per_worker
+
+
+@dataclass
+class StageCheckpoint:
+    stage: int
+    path: str  # checkpoint directory: model/ (adapter or full model), train_state.pt, metrics.jsonl
+    metrics: dict
+
+    @property
+    def model_path(self) -> str:
+        return str(Path(self.path) / "model")
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.path) / METRICS
+
+
+def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages: list[int], datasets: dict,
+               base_path: str, init_adapter: str | None, loss: str, flip_rate: float | None,
+               num_pairs: int, extra: dict | None = None) -> list[StageCheckpoint]:
+    """Train ``stages`` in order in one Ray Train run; returns one checkpoint per stage.
+
+    ``datasets`` maps stage -> Ray Dataset of tokenized pairs. Workers get their
+    shard with ``ray.train.get_dataset_shard('stage_K')``. A run with the same
+    name in the job's storage resumes from its latest checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = (cfg.job_dir / "train").resolve()
+    loop_config = {"job": cfg.model_dump(mode="json"), "method": method, "stages": stages, "loss": loss,
+                   "flip_rate": flip_rate, "base_path": base_path, "init_adapter": init_adapter,
+                   "num_pairs": num_pairs, "trial": trial, "job_dir": str(cfg.job_dir.resolve()), **(extra or {})}
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        datasets={f"stage_{k}": datasets[k] for k in stages},
+    )
+    result = trainer.fit()
+    out: dict[int, StageCheckpoint] = {}
+    for ckpt, metrics in result.best_checkpoints:
+        if metrics.get("stage_done"):
+            out[int(metrics["stage"])] = StageCheckpoint(int(metrics["stage"]), ckpt.path, dict(metrics))
+    missing = [k for k in stages if k not in out]
+    if missing:
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint for stage(s) {missing}")
+    return [out[k] for k in stages]

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from props_ray.ray_runtime import QUIET_ENV
+
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
     try:
         return args.fn(args)
     except ConfigError as err:

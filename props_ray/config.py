@@ -91,7 +91,7 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     batch_size: int = Field(32, gt=0, description="pairs per optimizer step, over all workers")
     epochs: int = Field(2, gt=0)
-    lr: float = Field(5e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     beta: float = Field(0.1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="global gradient clipping for non-DP training")

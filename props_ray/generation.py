@@ -38,33 +38,45 @@ class ResponseGenerator:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        responses = []
-        for prompt, row in zip(batch["prompt"], batch["row"]):
-            ids = self.tok(str(prompt), add_special_tokens=False)["input_ids"][-self.max_prompt_length:]
-            x = torch.tensor([ids], device=self.device)
-            g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + int(row))
-            out = self._sample(x, g)
-            responses.append(self.tok.decode(out, skip_special_tokens=True).strip())
+        prompts = [str(p) for p in batch["prompt"]]
+        rows = [int(r) for r in batch["row"]]
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt_length:] for p in prompts]
+        responses: list[str] = [""] * len(prompts)
+        by_length: dict[int, list[int]] = {}
+        for i, x in enumerate(ids):
+            by_length.setdefault(len(x), []).append(i)
+        for group in by_length.values():  # equal-length prompts: one batched forward, no padding
+            x = torch.tensor([ids[i] for i in group], device=self.device)
+            gens = [torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + rows[i]) for i in group]
+            for i, out in zip(group, self._sample(x, gens)):
+                responses[i] = self.tok.decode(out, skip_special_tokens=True).strip()
         return {"prompt": batch["prompt"], "row": batch["row"], "response": np.array(responses, dtype=object)}
 
-    def _sample(self, x: torch.Tensor, g: torch.Generator) -> list[int]:
-        """Ancestral sampling with a KV cache; the eos token is masked out when fixed_length."""
+    def _sample(self, x: torch.Tensor, gens: list[torch.Generator]) -> list[list[int]]:
+        """Ancestral sampling with a KV cache, one seeded generator per row (so a row's sample does
+        not depend on its batch); the eos token is masked out when ``fixed_length``."""
         eos = self.tok.eos_token_id
-        out: list[int] = []
-        past = None
-        inp = x
+        outs: list[list[int]] = [[] for _ in gens]
+        done = [False] * len(gens)
+        past, inp = None, x
         for _ in range(self.max_new_tokens):
             res = self.model(input_ids=inp, past_key_values=past, use_cache=True)
             past = res.past_key_values
-            logits = res.logits[0, -1].float() / self.temperature
+            logits = res.logits[:, -1].float() / self.temperature
             if self.fixed_length and eos is not None:
-                logits[eos] = float("-inf")
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
-            if nxt == eos:
+                logits[:, eos] = float("-inf")
+            probs = torch.softmax(logits, -1)
+            nxt = [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(gens)]
+            for i, t in enumerate(nxt):
+                if not done[i]:
+                    if t == eos:
+                        done[i] = True
+                    else:
+                        outs[i].append(t)
+            if all(done):
                 break
-            out.append(nxt)
-            inp = torch.tensor([[nxt]], device=self.device)
-        return out
+            inp = torch.tensor([[t] for t in nxt], device=x.device)
+        return outs
 
 
 def generate(prompts: list[str], *, base_path: str, adapter_path: str | None, model_cfg: ModelConfig,

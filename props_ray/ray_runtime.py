@@ -7,15 +7,17 @@ import os
 
 log = logging.getLogger(__name__)
 
+# Keep worker output to what a user wants to read: our progress lines and real errors.
+QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+
 
 def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                        "OMP_NUM_THREADS": "1",
-                        # Ray Train V2 keeps its own run state; tell it the job's output lives on local disk
+    env = {"env_vars": {**QUIET_ENV, "OMP_NUM_THREADS": "1",
                         **{k: v for k, v in os.environ.items() if k.startswith("PROPS_RAY_")}}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -24,9 +26,12 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
         return
     # Logical CPUs: the training workers, one Ray Data actor, and the train controller, even on 2 cores.
     cpus = max(os.cpu_count() or 1, int(num_workers * cpus_per_worker) + 2)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
              configure_logging=True, logging_level=logging.WARNING)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     log.info("started a local Ray instance with %d logical CPUs", cpus)

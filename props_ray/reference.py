@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_root(cfg: JobConfig) -> Path:
-    return Path(cfg.model.cache_dir) if cfg.model.cache_dir else Path(cfg.output_dir) / "cache"
+    root = Path(cfg.model.cache_dir) if cfg.model.cache_dir else Path(cfg.output_dir) / "cache"
+    return root.resolve()  # workers run in other directories
 
 
 def embedded_task(cfg: JobConfig):

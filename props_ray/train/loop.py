@@ -104,6 +104,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if stage in done_stages:
             continue
         shard = ray.train.get_dataset_shard(f"stage_{stage}")
+        if hasattr(engine, "start_stage"):  # DP-SGD: per-stage shard, sampling rate, step plan, accountant
+            engine.start_stage(stage, shard, device)
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.time()
             for physical_batches in engine.logical_batches(shard, epoch, device):
@@ -145,11 +147,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch = 0
 
 
+def rank_param_spread(model, max_numel: int = 10_000_000) -> float | None:
+    """Largest absolute difference of any trainable parameter between ranks (0.0 when data-parallel
+    training keeps the replicas identical, as it must). Skipped (None) for large trainable sets."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    if sum(p.numel() for p in params) > max_numel:
+        return None
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    gathered = [torch.empty_like(flat) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, flat)
+    return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
 def _report(model, optimizer, engine, rank, stage, epoch, stage_done, done_stages, history, step, seconds):
     import ray.train
 
     metrics = {"stage": stage, "epoch": epoch, "stage_done": stage_done, "step": step,
-               "epoch_seconds": seconds, **engine.metrics()}
+               "epoch_seconds": seconds, "rank_param_spread": rank_param_spread(model), **engine.metrics()}
     if history:
         metrics.update({k: history[-1][k] for k in ("loss", "reward_accuracy", "margin")})
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,305 @@
+"""DP-SGD for DPO inside the Ray Train loop (method ``dpsgd``).
+
+Where each part of the mechanism lives:
+
+- **per-pair gradients and clipping** (:mod:`props_ray.dpsgd.grad_sample`):
+  Opacus hooks give per-row gradient samples of the 2B-row pair forward;
+  :class:`PairDPOptimizer.clip_and_accumulate` folds rows i and B+i into pair
+  i's gradient and clips each pair's whole gradient to C once, after every
+  physical batch (so per-sample memory is bounded by the physical batch).
+- **Poisson sampling** (:mod:`props_ray.dpsgd.sampler`): each worker
+  materializes its disjoint shard once per stage and includes each of its pairs
+  in each logical step with rate q = B / N_stage; every rank takes the same
+  planned number of steps, an empty local batch included.
+- **noise** (:class:`PairDPOptimizer.step`): N(0, sigma^2 C^2) per coordinate
+  is added on rank 0 only, the noisy sum and the other ranks' clipped sums are
+  all-reduced (SUM), and the result is divided by the expected global batch
+  size B: Opacus's ``DistributedDPOptimizer`` semantics, noise once per logical
+  step. No torch DDP: this all-reduce is the only gradient reduction. Initial
+  trainable parameters are broadcast from rank 0 (as Opacus's DPDDP does).
+- **accounting** (:mod:`props_ray.privacy.accounting`): one accountant per
+  disjoint stage, sigma calibrated per stage to the target epsilon for that
+  stage's (q, T), epsilon reported = max over stages (parallel composition).
+  The accountant state is part of the engine state in every checkpoint.
+
+What the guarantee covers: the model checkpoints (and anything computed from
+them). The training loop's logged loss / reward accuracy / margin are computed
+on the private batches without noise and are *not* covered by epsilon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _generate_noise, _mark_as_processed
+
+from props_ray.dpsgd.grad_sample import PairGradSampleModule, clip_and_sum, per_pair_grad_sample
+from props_ray.dpsgd.sampler import PoissonSampler, materialize_shard, physical_batches, sampling_generator, shard_size
+from props_ray.privacy.accounting import PrivacyConfigError, StagedAccountant, resolve_delta
+
+
+# Opacus's hooks on the first LoRA layers see inputs that need no gradient (frozen embeddings): expected.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                        "to module outputs since no inputs require gradients")
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class PairDPOptimizer(DPOptimizer):
+    """An Opacus ``DPOptimizer`` whose privacy unit is the preference pair, distributed over ranks.
+
+    - :meth:`clip_and_accumulate` (called once per physical batch) folds the
+      per-row samples into per-pair samples, clips each pair to
+      ``max_grad_norm`` and adds the clipped sum to ``p.summed_grad``;
+    - :meth:`step` (once per logical batch): an empty local batch contributes
+      zeros; rank 0 adds the noise; all ranks all-reduce the sum; the result is
+      divided by ``expected_batch_size`` (the *global* expected batch size);
+      then the wrapped optimizer steps.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: int, generator=None, secure_mode: bool = False):
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction="sum", generator=generator,
+                         secure_mode=secure_mode)
+        self.rank, self.world_size = _dist()
+        self.pairs_in_step = 0
+
+    def clip_and_accumulate(self) -> None:
+        params = self.params
+        for p in params:
+            _check_processed_flag(p.grad_sample)
+        samples = [per_pair_grad_sample(p) for p in params]
+        sums, norms = clip_and_sum(samples, self.max_grad_norm, dtypes=[p.dtype for p in params])
+        for p, s in zip(params, sums):
+            s = s.view_as(p)
+            p.summed_grad = s if p.summed_grad is None else p.summed_grad + s
+            _mark_as_processed(p.grad_sample)
+        self.pairs_in_step += int(norms.numel())
+
+    def add_noise(self) -> None:
+        """p.grad = local clipped sum (+ the step's noise on rank 0 only)."""
+        for p in self.params:
+            if p.summed_grad is None:  # no pair of this rank in this logical batch
+                p.summed_grad = torch.zeros_like(p)
+            _check_processed_flag(p.summed_grad)
+            g = p.summed_grad.view_as(p)
+            if self.rank == 0 and self.noise_multiplier > 0:
+                g = g + _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=g,
+                                        generator=self.generator, secure_mode=self.secure_mode).view_as(p)
+            p.grad = g.clone()
+            _mark_as_processed(p.summed_grad)
+
+    def reduce_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        params = self.params
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
+
+    def scale_grad(self) -> None:
+        for p in self.params:
+            p.grad /= self.expected_batch_size
+
+    def pre_step(self, closure=None) -> bool:
+        self.add_noise()
+        self.reduce_gradients()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        self.pre_step()
+        return self.original_optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad_sample = None
+            p.summed_grad = None
+        self.original_optimizer.zero_grad(set_to_none)
+        self.pairs_in_step = 0
+
+
+def broadcast_trainable(model: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank start from rank ``src``'s trainable parameters (LoRA init is random per rank)."""
+    _, world = _dist()
+    if world == 1:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.distributed.broadcast(p.data, src)
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        if p.requires_grad:
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _seed_int(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+class DPSGDEngine:
+    """DP-SGD engine for :mod:`props_ray.train.loop` (see the module docstring).
+
+    The loop calls :meth:`start_stage` once per stage before the stage's
+    epochs, then :meth:`logical_batches` per epoch.
+    """
+
+    name = "dpsgd"
+
+    def __init__(self, *, target_epsilon: float | None, delta: float, max_grad_norm: float,
+                 expected_batch_size: int, epochs: int, physical_batch_size: int | None = None,
+                 noise_multiplier: float | None = None, accountant: str = "prv", seed: int = 0,
+                 secure: bool = False):
+        self.target_epsilon = target_epsilon
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = int(expected_batch_size)
+        self.physical_batch_size = physical_batch_size
+        self.epochs = int(epochs)
+        self.fixed_noise_multiplier = noise_multiplier
+        self.seed = int(seed)
+        self.secure = bool(secure)
+        self.accounting = StagedAccountant(delta, accountant)
+        self.rank, self.world_size = _dist()
+        self.model = None
+        self.optimizer: PairDPOptimizer | None = None
+        self.stage: int | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.num_local = 0
+        self.empty_local_batches = 0
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int, loop_config: dict) -> "DPSGDEngine":
+        dp = cfg.privacy.dpsgd
+        if cfg.model.gradient_checkpointing:
+            raise PrivacyConfigError("method 'dpsgd' does not support model.gradient_checkpointing "
+                                     "(Opacus's per-sample hooks would see each forward twice)")
+        total = int(loop_config.get("total_pairs") or loop_config["num_pairs"])
+        return cls(target_epsilon=loop_config.get("epsilon"), delta=resolve_delta(dp.delta, total),
+                   max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size or cfg.train.batch_size,
+                   epochs=cfg.train.epochs, physical_batch_size=dp.physical_batch_size,
+                   noise_multiplier=dp.noise_multiplier, accountant=dp.accountant, seed=cfg.seed,
+                   secure=cfg.secure_randomness)
+
+    # -- set-up -------------------------------------------------------------------
+    def wrap(self, model, optimizer, num_pairs: int):
+        if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise PrivacyConfigError("method 'dpsgd' does not support gradient checkpointing")
+        self.rank, self.world_size = _dist()
+        broadcast_trainable(model)
+        self.model = PairGradSampleModule(model)
+        self.optimizer = PairDPOptimizer(optimizer, noise_multiplier=0.0, max_grad_norm=self.max_grad_norm,
+                                         expected_batch_size=self.expected_batch_size,
+                                         secure_mode=self.secure)
+        return self.model, self.optimizer
+
+    def start_stage(self, stage: int, shard, device) -> None:
+        """Materialize this rank's shard, count the stage's pairs over all ranks, plan and calibrate."""
+        self.tensors = materialize_shard(shard)
+        self.num_local = shard_size(self.tensors)
+        count = torch.tensor([self.num_local], dtype=torch.int64, device=device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(count)
+        num_stage = int(count.item())
+        plan = None
+        if self.rank == 0:  # calibration is deterministic but costs seconds: do it once, broadcast it
+            plan = self.accounting.plan(stage, num_stage, self.expected_batch_size, self.epochs,
+                                        self.target_epsilon, self.fixed_noise_multiplier)
+        if self.world_size > 1:
+            box = [plan]
+            torch.distributed.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+            plan = box[0]
+            if self.rank != 0:
+                old = self.accounting.stages.get(stage)
+                self.accounting.stages[stage] = plan if old is None else old
+                plan = self.accounting.stages[stage]
+        self.stage = stage
+        self.optimizer.noise_multiplier = plan.noise_multiplier
+
+    # -- per epoch / step ------------------------------------------------------------
+    def logical_batches(self, shard, epoch: int, device) -> Iterator[list[dict[str, torch.Tensor]]]:
+        if self.stage is None:
+            raise RuntimeError("DPSGDEngine.start_stage(stage, shard, device) must be called before logical_batches")
+        plan = self.accounting.stages[self.stage]
+        sampler = PoissonSampler(self.num_local, plan.sample_rate,
+                                 sampling_generator(self.seed, self.stage, epoch, self.rank, self.secure))
+        if self.rank == 0:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1 if self.secure
+                            else _seed_int(self.seed, self.stage, epoch, 0x7015E))
+            self.optimizer.generator = gen
+        for _ in range(plan.steps_per_epoch):
+            idx = sampler.sample()
+            if idx.numel() == 0:
+                self.empty_local_batches += 1
+            yield physical_batches(self.tensors, idx, self.physical_batch_size, device)
+
+    def backward(self, per_pair_loss: torch.Tensor) -> None:
+        """Back-propagate one physical batch, then fold, clip and accumulate its per-pair gradients."""
+        per_pair_loss.sum().backward()
+        self.optimizer.clip_and_accumulate()
+        for p in self.optimizer.params:
+            p.grad_sample = None
+            p.grad = None  # the non-private summed gradient autograd also wrote: never used
+
+    def step(self, model, optimizer) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.accounting.step(self.stage)
+
+    # -- reporting and state -------------------------------------------------------------
+    def metrics(self) -> dict:
+        """Privacy spent so far. Called by every rank at the same points (it runs one collective)."""
+        out: dict = {"epsilon": self.accounting.epsilon(), "delta": self.accounting.delta}
+        if self.target_epsilon is not None:
+            out["target_epsilon"] = float(self.target_epsilon)
+        if self.stage is not None:
+            plan = self.accounting.stages[self.stage]
+            out.update({"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                        "steps": plan.steps, "planned_steps": plan.planned_steps,
+                        "stage_epsilon": self.accounting.stage_epsilon(self.stage)})
+        out["total_steps"] = sum(p.steps for p in self.accounting.stages.values())
+        out["max_grad_norm"] = self.max_grad_norm
+        out["expected_batch_size"] = self.expected_batch_size
+        digest = params_digest(self.model) if self.model is not None else ""
+        empty = self.empty_local_batches
+        if self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, (digest, empty))
+            out["replicas_in_sync"] = int(len({d for d, _ in gathered}) == 1)
+            out["empty_local_batches"] = int(sum(e for _, e in gathered))
+        else:
+            out["replicas_in_sync"] = 1
+            out["empty_local_batches"] = int(empty)
+        return out
+
+    def state_dict(self) -> dict:
+        """The per-stage accountants (plans and step histories): a restarted run resumes accounting."""
+        return {"accounting": self.accounting.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.accounting.load_state_dict(state.get("accounting", {}))

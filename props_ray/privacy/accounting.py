@@ -1,0 +1,222 @@
+"""Privacy accounting for DP-SGD (method ``dpsgd``): pure functions, no Ray, no model.
+
+The mechanism is the Poisson-subsampled Gaussian mechanism of DP-SGD: at each
+step every preference pair of a stage partition is included independently with
+probability ``q``, each included pair's gradient is clipped to norm ``C`` and
+Gaussian noise ``N(0, sigma^2 C^2)`` is added once to the sum. Accounting uses
+Opacus's accountants (PRV by default, RDP selectable), under the add/remove-one
+neighbouring relation on pairs.
+
+Stages and parallel composition
+-------------------------------
+The K stage partitions are *disjoint* and are trained one after another. A pair
+of partition k only ever enters stage k's mechanism; the stages before k do not
+depend on it and the stages after k see it only through stage k's output
+(post-processing; their own data is the same for both neighbouring datasets).
+So by (adaptive) parallel composition the whole run is
+``(max_k eps_k, max_k delta_k)``-DP, where ``eps_k`` is what stage k's
+accountant alone reports. :class:`StagedAccountant` therefore keeps one
+accountant per stage, calibrates each stage's noise multiplier to the full
+target epsilon for that stage's own ``(q_k, T_k)``, and reports
+``epsilon = max over stages``. Nothing is composed across stages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+ACCOUNTANTS = ("prv", "rdp")
+# Calibrated sigma gives an epsilon in [target * (1 - CALIBRATION_REL_TOL), target].
+CALIBRATION_REL_TOL = 0.005
+
+
+class PrivacyConfigError(ValueError):
+    """A DP-SGD setting that cannot give the requested guarantee; the message names the field."""
+
+
+def _check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise PrivacyConfigError(f"privacy.dpsgd.accountant must be one of {ACCOUNTANTS}, got {name!r}")
+    return name
+
+
+def make_accountant(name: str, history: list[tuple[float, float, int]] | None = None):
+    """An Opacus accountant (``PRVAccountant`` / ``RDPAccountant``) with the given history."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = {"prv": PRVAccountant, "rdp": RDPAccountant}[_check_accountant(name)]()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
+    return acc
+
+
+def resolve_delta(delta: float | None, total_pairs: int) -> float:
+    """``delta`` for a dataset of ``total_pairs`` pairs: 1/N by default.
+
+    An explicitly configured delta must be below 1/N (a delta of 1/N or more
+    allows a mechanism that publishes one whole pair outright).
+    """
+    if total_pairs <= 0:
+        raise PrivacyConfigError(f"DP-SGD needs at least one training pair, got {total_pairs}")
+    bound = 1.0 / total_pairs
+    if delta is None:
+        return bound
+    if not 0.0 < delta < bound:
+        raise PrivacyConfigError(
+            f"privacy.dpsgd.delta = {delta:g} must be in (0, 1/N) = (0, {bound:.3g}) for N = {total_pairs} "
+            f"pairs; a delta of 1/N or more lets the mechanism reveal a whole pair. Leave privacy.dpsgd.delta "
+            f"unset for the default 1/N or set it smaller (e.g. {bound / 10:.3g}).")
+    return float(delta)
+
+
+def sample_rate(expected_batch_size: int, num_pairs: int) -> float:
+    """Poisson inclusion probability q = B / N (capped at 1)."""
+    if num_pairs <= 0:
+        raise PrivacyConfigError("a DP-SGD stage partition has no pairs")
+    return min(1.0, expected_batch_size / num_pairs)
+
+
+def plan_steps(num_pairs: int, expected_batch_size: int, epochs: int) -> tuple[int, int]:
+    """(steps per epoch, planned steps) for a stage: ``round(N / B)`` logical steps per epoch, at least 1."""
+    per_epoch = max(1, int(round(num_pairs / expected_batch_size)))
+    return per_epoch, per_epoch * epochs
+
+
+def epsilon_after(steps: int, sample_rate: float, noise_multiplier: float, delta: float,
+                  accountant: str = "prv") -> float:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps (rate q, multiplier sigma) at ``delta``."""
+    if steps <= 0 or sample_rate <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    return float(make_accountant(accountant, [(noise_multiplier, sample_rate, steps)]).get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                               accountant: str = "prv", rel_tolerance: float = CALIBRATION_REL_TOL) -> float:
+    """The smallest sigma (to ``rel_tolerance`` of epsilon) whose epsilon after ``steps`` is <= the target.
+
+    Opacus's ``get_noise_multiplier`` binary search; its returned sigma always
+    satisfies eps(sigma) <= target, and here eps(sigma) >= target * (1 - rel_tolerance).
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if not target_epsilon > 0:
+        raise PrivacyConfigError(f"target epsilon must be > 0, got {target_epsilon}")
+    if steps <= 0:
+        raise PrivacyConfigError(f"planned DP-SGD steps must be > 0, got {steps}")
+    try:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=_check_accountant(accountant),
+                                          epsilon_tolerance=rel_tolerance * target_epsilon))
+    except ValueError as err:
+        raise PrivacyConfigError(
+            f"cannot reach epsilon {target_epsilon:g} at delta {delta:.3g} with sampling rate {sample_rate:.4g} "
+            f"over {steps} steps: {err}") from None
+
+
+def accountant_state(acc) -> dict:
+    """A JSON-able state of an Opacus accountant (its mechanism name and step history)."""
+    return {"mechanism": acc.mechanism(), "history": [list(h) for h in acc.history]}
+
+
+def accountant_from_state(state: dict):
+    return make_accountant(state["mechanism"], [tuple(h) for h in state["history"]])
+
+
+@dataclass
+class StagePlan:
+    """What stage k's mechanism is: N_k pairs, q_k, T_k planned steps, sigma_k."""
+
+    stage: int
+    num_pairs: int
+    sample_rate: float
+    steps_per_epoch: int
+    planned_steps: int
+    noise_multiplier: float
+    history: list = field(default_factory=list)  # Opacus accountant history [(sigma, q, steps)]
+
+    @property
+    def steps(self) -> int:
+        return sum(int(n) for _, _, n in self.history)
+
+
+class StagedAccountant:
+    """One accountant per disjoint stage partition; epsilon = max over stages (parallel composition).
+
+    See the module docstring for why the maximum, not a sum, is the guarantee.
+    """
+
+    def __init__(self, delta: float, accountant: str = "prv"):
+        self.delta = float(delta)
+        self.accountant = _check_accountant(accountant)
+        self.stages: dict[int, StagePlan] = {}
+        self._eps_cache: dict[tuple, float] = {}
+
+    def plan(self, stage: int, num_pairs: int, expected_batch_size: int, epochs: int,
+             target_epsilon: float | None, noise_multiplier: float | None = None) -> StagePlan:
+        """Plan stage ``stage`` (or return its plan if it exists, e.g. after a restart).
+
+        A fixed ``noise_multiplier`` overrides calibration to ``target_epsilon``.
+        """
+        q = sample_rate(expected_batch_size, num_pairs)
+        per_epoch, planned = plan_steps(num_pairs, expected_batch_size, epochs)
+        old = self.stages.get(stage)
+        if old is not None:
+            if (old.num_pairs, old.planned_steps) != (num_pairs, planned) or not math.isclose(old.sample_rate, q):
+                raise RuntimeError(
+                    f"stage {stage}: the restored DP-SGD plan (N={old.num_pairs}, q={old.sample_rate:.4g}, "
+                    f"T={old.planned_steps}) does not match this run (N={num_pairs}, q={q:.4g}, T={planned})")
+            return old
+        if noise_multiplier is None:
+            if target_epsilon is None:
+                raise PrivacyConfigError("DP-SGD needs a target epsilon or privacy.dpsgd.noise_multiplier")
+            sigma = calibrate_noise_multiplier(target_epsilon, self.delta, q, planned, self.accountant)
+        else:
+            sigma = float(noise_multiplier)
+        plan = StagePlan(stage, int(num_pairs), q, per_epoch, planned, sigma)
+        self.stages[stage] = plan
+        return plan
+
+    def step(self, stage: int) -> None:
+        """Record one logical DP-SGD step of ``stage`` (same compression as Opacus's ``.step``)."""
+        p = self.stages[stage]
+        if p.history and p.history[-1][0] == p.noise_multiplier and p.history[-1][1] == p.sample_rate:
+            s, q, n = p.history[-1]
+            p.history[-1] = (s, q, n + 1)
+        else:
+            p.history.append((p.noise_multiplier, p.sample_rate, 1))
+
+    def stage_epsilon(self, stage: int) -> float:
+        p = self.stages[stage]
+        if not p.history:
+            return 0.0
+        key = (self.accountant, self.delta, tuple(tuple(h) for h in p.history))
+        if key not in self._eps_cache:
+            if any(s <= 0 for s, _, _ in p.history):
+                self._eps_cache[key] = math.inf
+            else:
+                self._eps_cache[key] = float(make_accountant(self.accountant, p.history).get_epsilon(delta=self.delta))
+        return self._eps_cache[key]
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far: the maximum over the disjoint stages."""
+        return max((self.stage_epsilon(k) for k in self.stages), default=0.0)
+
+    def state_dict(self) -> dict:
+        return {"delta": self.delta, "accountant": self.accountant,
+                "stages": {str(k): {**asdict(p), "history": [list(h) for h in p.history]}
+                           for k, p in self.stages.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if state["accountant"] != self.accountant or not math.isclose(state["delta"], self.delta):
+            raise RuntimeError(f"checkpointed DP-SGD accounting ({state['accountant']}, delta={state['delta']:.3g}) "
+                               f"does not match this run ({self.accountant}, delta={self.delta:.3g})")
+        self.stages = {}
+        for k, p in state["stages"].items():
+            p = dict(p)
+            p["history"] = [tuple(h) for h in p["history"]]
+            self.stages[int(k)] = StagePlan(**p)

@@ -1,0 +1,109 @@
+"""DP-SGD accounting (props_ray.privacy.accounting) against Opacus's own accountants. No Ray."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from props_ray.privacy.accounting import (PrivacyConfigError, StagedAccountant, accountant_from_state,
+                                          accountant_state, calibrate_noise_multiplier, epsilon_after,
+                                          make_accountant, plan_steps, resolve_delta, sample_rate)
+
+OPACUS = {"prv": PRVAccountant, "rdp": RDPAccountant}
+
+
+def opacus_epsilon(name: str, steps: int, q: float, sigma: float, delta: float) -> float:
+    acc = OPACUS[name]()
+    for _ in range(steps):
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp"])
+@pytest.mark.parametrize("steps,q,sigma", [(20, 0.05, 1.1), (63, 32 / 1000, 2.3), (7, 0.5, 0.8)])
+def test_epsilon_after_equals_opacus_accountant(name, steps, q, sigma):
+    delta = 1e-4
+    ours = epsilon_after(steps, q, sigma, delta, name)
+    theirs = opacus_epsilon(name, steps, q, sigma, delta)
+    assert ours == pytest.approx(theirs, rel=1e-9)
+    # and it is a real function of the inputs (guards a constant/zero answer)
+    assert epsilon_after(steps, q, 2 * sigma, delta, name) < ours
+    assert epsilon_after(2 * steps, q, sigma, delta, name) > ours
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp"])
+@pytest.mark.parametrize("target", [0.5, 2.0, 8.0])
+def test_calibrated_sigma_meets_target_within_one_percent(name, target):
+    delta, q, steps = 1 / 3000, 32 / 1000, 62
+    sigma = calibrate_noise_multiplier(target, delta, q, steps, name)
+    eps = opacus_epsilon(name, steps, q, sigma, delta)
+    assert eps <= target
+    assert eps >= 0.99 * target, (sigma, eps)
+
+
+def test_zero_steps_and_zero_noise():
+    assert epsilon_after(0, 0.1, 1.0, 1e-5) == 0.0
+    assert math.isinf(epsilon_after(10, 0.1, 0.0, 1e-5))
+
+
+def test_resolve_delta_default_and_rejection():
+    assert resolve_delta(None, 600) == pytest.approx(1 / 600)
+    assert resolve_delta(1e-5, 600) == 1e-5
+    for bad in (1 / 600, 0.01):
+        with pytest.raises(PrivacyConfigError, match=r"privacy\.dpsgd\.delta"):
+            resolve_delta(bad, 600)
+
+
+def test_plan_and_sample_rate():
+    assert sample_rate(32, 1000) == pytest.approx(0.032)
+    assert sample_rate(64, 10) == 1.0
+    assert plan_steps(1000, 32, 2) == (31, 62)
+    assert plan_steps(4, 32, 3) == (1, 3)
+
+
+def test_accountant_state_round_trip():
+    acc = make_accountant("prv")
+    for _ in range(5):
+        acc.step(noise_multiplier=1.3, sample_rate=0.1)
+    back = accountant_from_state(accountant_state(acc))
+    assert isinstance(back, PRVAccountant) and back.history == acc.history
+    assert back.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
+
+
+def test_staged_accountant_is_max_over_disjoint_stages_and_resumes():
+    delta = 1 / 900
+    acc = StagedAccountant(delta, "prv")
+    # stage 1 and 2 calibrated to the same target for their own (q, T); stage 3 smaller -> fewer steps
+    plans = {k: acc.plan(k, n, expected_batch_size=16, epochs=2, target_epsilon=1.0)
+             for k, n in ((1, 300), (2, 300), (3, 120))}
+    for k, p in plans.items():
+        for _ in range(p.planned_steps):
+            acc.step(k)
+        assert p.steps == p.planned_steps
+        # per stage: exactly what Opacus reports for that stage's mechanism, within the target
+        e = acc.stage_epsilon(k)
+        assert e == pytest.approx(opacus_epsilon("prv", p.planned_steps, p.sample_rate, p.noise_multiplier, delta))
+        assert 0.99 <= e <= 1.0
+    assert acc.epsilon() == max(acc.stage_epsilon(k) for k in plans)  # parallel composition, not a sum
+    assert acc.epsilon() <= 1.0
+
+    # a restarted worker restores the accountants and keeps counting; epsilon is not reset
+    state = acc.state_dict()
+    again = StagedAccountant(delta, "prv")
+    again.load_state_dict(state)
+    assert again.epsilon() == acc.epsilon()
+    assert again.plan(2, 300, 16, 2, 1.0).steps == plans[2].planned_steps  # existing plan, history kept
+    with pytest.raises(RuntimeError, match="does not match"):
+        again.plan(2, 301, 16, 2, 1.0)
+
+
+def test_fixed_noise_multiplier_overrides_calibration():
+    acc = StagedAccountant(1e-4, "rdp")
+    plan = acc.plan(1, 500, 50, 1, target_epsilon=1.0, noise_multiplier=0.7)
+    assert plan.noise_multiplier == 0.7
+    for _ in range(plan.planned_steps):
+        acc.step(1)
+    assert acc.epsilon() == pytest.approx(opacus_epsilon("rdp", plan.planned_steps, 0.1, 0.7, 1e-4))
+    assert acc.epsilon() > 1.0  # the fixed sigma is used, not the target

@@ -38,6 +38,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from props_ray.submit import submit
+
+    return submit(args)
+
+
 def cmd_ui(args) -> int:
     from props_ray.config import TrackingConfig
 
@@ -58,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check a job file without running it")
     _job_args(p)
     p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API) and follow its logs")
+    _job_args(p)
+    from props_ray.submit import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=cmd_submit)
     p = sub.add_parser("ui", help="open the MLflow UI on the job's tracking store")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--host", default="127.0.0.1")

@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from props_ray.data.privatize import PrivatizedLabelsError
+        from props_ray.tracking import TrackingUnavailable
+
+        if isinstance(err, (TrackingUnavailable, PrivatizedLabelsError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        # Bounded retries: an outage is journaled (see module docstring) rather than waited out.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self.journal = journal

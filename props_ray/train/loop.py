@@ -41,17 +41,15 @@ def make_engine(cfg: JobConfig, method: str, world_size: int, loop_config: dict)
     return StandardEngine(cfg.train.batch_size, world_size, cfg.train.max_grad_norm, cfg.seed)
 
 
-def maybe_inject_fault(stage: int, step: int, rank: int, attempt_dir: Path) -> None:
-    """Fault injection for the tests: PROPS_RAY_FAIL_AT='STAGE:STEP' makes rank 1 (or 0 when
-    alone) raise once at that point. A marker file makes it fire only once per job."""
-    spec = os.environ.get("PROPS_RAY_FAIL_AT")
+def maybe_inject_fault(spec: str | None, stage: int, step: int, rank: int, world: int, marker_dir: Path) -> None:
+    """Fault injection for tests and drills: ``spec`` = 'STAGE:STEP' (from the driver's
+    PROPS_RAY_FAIL_AT) makes the last rank raise once at that point of the job; a marker file in
+    the job directory makes it fire only once, so the retried worker group gets through."""
     if not spec:
         return
     s, t = (int(x) for x in spec.split(":"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    marker = attempt_dir / f".fault-injected-{s}-{t}"
-    if (s, t) == (stage, step) and rank == min(1, world - 1) and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
+    marker = marker_dir / f".fault-injected-stage{s}-step{t}"
+    if (s, t) == (stage, step) and rank == world - 1 and not marker.exists():
         marker.write_text("")
         raise RuntimeError(f"injected fault at stage {stage}, step {step} on rank {rank}")
 
@@ -98,7 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     history: list[dict] = state.get("history", [])
     step = state.get("step", 0)
 
-    attempt_dir = Path(loop_config["job_dir"])
+    job_dir = Path(loop_config["job_dir"])
     # -- stages ---------------------------------------------------------------
     for stage in stages:
         if stage in done_stages:
@@ -124,7 +122,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                               torch.tensor(float(margin.numel()), device=device)])
                 engine.step(model, optimizer)
                 step += 1
-                maybe_inject_fault(stage, step, rank, attempt_dir)
+                maybe_inject_fault(loop_config.get("fail_at"), stage, step, rank, world, job_dir)
                 if step % cfg.train.log_every == 0:
                     if world > 1:
                         torch.distributed.all_reduce(stats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages
     storage = (cfg.job_dir / "train").resolve()
     loop_config = {"job": cfg.model_dump(mode="json"), "method": method, "stages": stages, "loss": loss,
                    "flip_rate": flip_rate, "base_path": base_path, "init_adapter": init_adapter,
-                   "num_pairs": num_pairs, "trial": trial, "job_dir": str(cfg.job_dir.resolve()), **(extra or {})}
+                   "num_pairs": num_pairs, "trial": trial, "job_dir": str(cfg.job_dir.resolve()),
+                   "fail_at": os.environ.get("PROPS_RAY_FAIL_AT"), **(extra or {})}
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1

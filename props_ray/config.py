@@ -176,6 +176,20 @@ class TrackingConfig(_Section):
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+class SweepConfig(_Section):
+    """A grid over seeds and numbers of stages, on top of methods x epsilons (all in one job run)."""
+
+    seeds: list[int] | None = Field(None, min_length=1, description="default: [seed]")
+    stages: list[int] | None = Field(None, min_length=1, description="values of K; default: [stages]")
+
+    @field_validator("stages")
+    @classmethod
+    def _k(cls, v):
+        if v is not None and any(k <= 0 for k in v):
+            raise ValueError("every number of stages must be > 0")
+        return v
+
+
 class JobConfig(_Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -189,6 +203,7 @@ class JobConfig(_Section):
     methods: list[MethodConfig] = Field(..., min_length=1)
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -222,6 +237,25 @@ class JobConfig(_Section):
     def want_label_accuracy(self) -> bool:
         v = self.eval.label_accuracy
         return self.is_embedded if v is None else v
+
+    def variants(self) -> list["JobConfig"]:
+        """One config per (seed, K) of the sweep; a job without a sweep is its own single variant."""
+        seeds = self.sweep.seeds or [self.seed]
+        ks = self.sweep.stages or [self.stages]
+        if (len(seeds), len(ks)) == (1, 1) and (seeds[0], ks[0]) == (self.seed, self.stages):
+            return [self]
+        out = []
+        for s in seeds:
+            for k in ks:
+                data = self.data
+                if data.stage_proportions is not None and len(data.stage_proportions) != k:
+                    data = data.model_copy(update={"stage_proportions": None})
+                out.append(self.model_copy(update={"seed": s, "stages": k, "data": data}))
+        return out
+
+    @property
+    def is_sweep(self) -> bool:
+        return len(self.sweep.seeds or [self.seed]) > 1 or len(self.sweep.stages or [self.stages]) > 1
 
     def trials(self) -> list[tuple[MethodConfig, float | None]]:
         """(method, epsilon) pairs to run; epsilon is None for the non-private ceiling."""

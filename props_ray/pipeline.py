@@ -61,8 +61,12 @@ def trial_name(method: MethodConfig, epsilon: float | None) -> str:
 
 
 class Job:
+    """A job; for a sweep, ``self.cfg`` is the (seed, K) variant being run, ``self.job_cfg`` the job."""
+
     def __init__(self, cfg: JobConfig, progress: Callable[[str], None] = print):
+        self.job_cfg = cfg
         self.cfg = cfg
+        self.suffix = ""
         self.say = progress
         self.job_dir = cfg.job_dir.resolve()
         self.timings: dict[str, float] = {}
@@ -70,7 +74,6 @@ class Job:
     # -- the whole job ----------------------------------------------------------
     def run(self) -> list[TrialResult]:
         from props_ray.ray_runtime import ensure_ray
-        from props_ray.reference import resolve_reference
         from props_ray.tracking import Tracker
 
         cfg = self.cfg
@@ -90,10 +93,31 @@ class Job:
         ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
         self.timings["ray_start"] = time.time() - t
 
+        results = []
+        for variant in cfg.variants():
+            self.cfg = variant
+            self.suffix = ""
+            if cfg.is_sweep:
+                self.suffix = (f"-seed{variant.seed}" if len(cfg.sweep.seeds or [cfg.seed]) > 1 else "") + \
+                              (f"-K{variant.stages}" if len(cfg.sweep.stages or [cfg.stages]) > 1 else "")
+                self.say(f"sweep variant: seed {variant.seed}, K = {variant.stages}")
+            results.extend(self._run_variant())
+        self.cfg = cfg
+
+        self._log_summary(results)
+        self.tracker.metrics(self.job_run, {f"seconds_{k.replace(':', '_')}": v for k, v in self.timings.items()})
+        self.tracker.finish(self.job_run)
+        self.tracker.flush()
+        return results
+
+    def _run_variant(self) -> list[TrialResult]:
+        from props_ray.reference import resolve_reference
+
+        cfg = self.cfg
         t = time.time()
         self.base_path = resolve_reference(cfg)
-        self.timings["reference"] = time.time() - t
-        self.say(f"reference model: {self.base_path} ({self.timings['reference']:.1f}s)")
+        self.timings[f"reference{self.suffix}"] = time.time() - t
+        self.say(f"reference model: {self.base_path} ({time.time() - t:.1f}s)")
 
         t = time.time()
         self.data = prepare_data(cfg)
@@ -102,30 +126,25 @@ class Job:
                  + (f", {len(self.data.skipped)} rows skipped" if self.data.skipped else ""))
         self.judge = self._judge()
         self.reference_scores = self._reference_scores()
-        self.timings["data_and_reference_eval"] = time.time() - t
+        self.timings[f"data_and_reference_eval{self.suffix}"] = time.time() - t
 
         results = []
         for method, eps in cfg.trials():
             t = time.time()
             results.append(self.run_trial(method, eps))
             self.timings[f"trial:{results[-1].trial}"] = time.time() - t
-
-        self._log_summary(results)
-        self.tracker.metrics(self.job_run, {f"seconds_{k.replace(':', '_')}": v for k, v in self.timings.items()})
-        self.tracker.finish(self.job_run)
-        self.tracker.flush()
         return results
 
     # -- one (method, epsilon) --------------------------------------------------
     def run_trial(self, method: MethodConfig, epsilon: float | None) -> TrialResult:
         cfg = self.cfg
-        name = trial_name(method, epsilon)
+        name = trial_name(method, epsilon) + self.suffix
         trial_dir = self.job_dir / "trials" / name
         trial_dir.mkdir(parents=True, exist_ok=True)
         state_path = trial_dir / "state.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
 
-        run_id = self.tracker.run(f"{cfg.name}/{name}", name, parent=self.job_run,
+        run_id = self.tracker.run(f"{self.job_cfg.name}/{name}", name, parent=self.job_run,
                                   tags={"props_ray.kind": "trial", "props_ray.method": method.method})
         params = {"method": method.method, "epsilon": "inf" if epsilon is None else epsilon,
                   "stages": cfg.stages, "loss": self._stage_loss(method, 1), "beta": cfg.train.beta,
@@ -215,7 +234,7 @@ class Job:
                 out[k] = raw[["id", "prompt", "chosen", "rejected"]]
             else:
                 priv = privatize_partition(raw, job_dir=self.job_dir, seed=cfg.seed, epsilon=epsilon, stage=k,
-                                           secure=cfg.secure_randomness)
+                                           stages=cfg.stages, secure=cfg.secure_randomness)
                 if priv.reused:
                     log.info("reusing persisted RR labels %s", priv.path)
                 out[k] = priv.pairs
@@ -272,7 +291,7 @@ class Job:
 
     def _log_stage(self, trial_run: str, trial: str, k: int, ck: dict, info: dict, pairs: pd.DataFrame,
                    method: MethodConfig) -> None:
-        stage_run = self.tracker.run(f"{self.cfg.name}/{trial}/stage-{k}", f"{trial}/stage-{k}", parent=trial_run,
+        stage_run = self.tracker.run(f"{self.job_cfg.name}/{trial}/stage-{k}", f"{trial}/stage-{k}", parent=trial_run,
                                      tags={"props_ray.kind": "stage"})
         if self.tracker.is_finished(stage_run):
             return
@@ -303,7 +322,7 @@ class Job:
                         use_gpu=cfg.train.use_gpu, num_actors=max(1, min(2, cfg.train.num_workers)))
 
     def _reference_scores(self):
-        path = self.job_dir / "eval" / "reference-generations.parquet"
+        path = self.job_dir / "eval" / f"reference-generations-seed{self.cfg.seed}.parquet"
         if path.exists():
             gens = pd.read_parquet(path)
         else:

@@ -57,28 +57,28 @@ def _partition(n=500):
 @pytest.mark.parametrize("secure", [False, True])
 def test_privatized_labels_are_persisted_and_never_redrawn(tmp_path, secure):
     part = _partition()
-    first = privatize_partition(part, job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, secure=secure)
+    first = privatize_partition(part, job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=secure)
     assert not first.reused
     raw_bytes = first.path.read_bytes()
     # privatized orientation: some pairs swapped, never both responses the same
     flipped = (first.pairs["chosen"].str.startswith("bad")).mean()
     assert 0.3 < flipped < 0.45
-    again = privatize_partition(part, job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, secure=secure)
+    again = privatize_partition(part, job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=secure)
     assert again.reused
     assert first.path.read_bytes() == raw_bytes  # byte-identical file, not rewritten
     pd.testing.assert_frame_equal(first.pairs.reset_index(drop=True), again.pairs.reset_index(drop=True))
 
 
 def test_persisted_labels_for_other_pairs_are_refused(tmp_path):
-    privatize_partition(_partition(), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, secure=False)
+    privatize_partition(_partition(), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=False)
     with pytest.raises(PrivatizedLabelsError, match="refusing to redraw"):
-        privatize_partition(_partition(400), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, secure=False)
+        privatize_partition(_partition(400), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=False)
 
 
 def test_privatized_file_holds_no_raw_orientation(tmp_path):
     """The file's columns are the privatized pair only: no label or raw-order column."""
     import pyarrow.parquet as pq
 
-    res = privatize_partition(_partition(), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, secure=False)
-    assert res.path == privatized_path(tmp_path, 0, 0.5, 1)
+    res = privatize_partition(_partition(), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=False)
+    assert res.path == privatized_path(tmp_path, 0, 0.5, 1, 3)
     assert pq.read_schema(res.path).names == ["id", "prompt", "chosen", "rejected"]

@@ -51,8 +51,9 @@ def ids_digest(ids) -> str:
     return h.hexdigest()
 
 
-def privatized_path(job_dir: Path, seed: int, epsilon: float, stage: int) -> Path:
-    return Path(job_dir) / "privatized" / f"seed={seed}" / f"epsilon={epsilon:g}" / f"partition-{stage}.parquet"
+def privatized_path(job_dir: Path, seed: int, epsilon: float, stage: int, stages: int) -> Path:
+    return (Path(job_dir) / "privatized" / f"seed={seed}" / f"stages={stages}" / f"epsilon={epsilon:g}"
+            / f"partition-{stage}.parquet")
 
 
 def _draw(partition: pd.DataFrame, epsilon: float, seed: int, stage: int, secure: bool) -> pd.DataFrame:
@@ -85,9 +86,9 @@ def read_privatized(path: Path) -> tuple[pd.DataFrame, dict]:
 
 
 def privatize_partition(partition: pd.DataFrame, *, job_dir: Path, seed: int, epsilon: float, stage: int,
-                        secure: bool) -> PrivatizedPartition:
+                        stages: int, secure: bool) -> PrivatizedPartition:
     """RR labels for one stage partition: read back if persisted, else drawn once and written."""
-    path = privatized_path(job_dir, seed, epsilon, stage)
+    path = privatized_path(job_dir, seed, epsilon, stage, stages)
     digest = ids_digest(partition["id"])
     if path.exists():
         df, meta = read_privatized(path)

@@ -38,6 +38,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from props_ray.report import report_command
+
+    return report_command(args.target, args.tracking_uri, args.markdown, args.plots)
+
+
 def cmd_submit(args) -> int:
     from props_ray.submit import submit
 
@@ -61,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a job on a local Ray instance or the cluster in RAY_ADDRESS")
     _job_args(p)
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("sweep", help="run a job's grid: methods x epsilons x sweep.seeds x sweep.stages, "
+                                     "with a summary over seeds and privacy-utility plots")
+    _job_args(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("report", help="print the summary table of a job (or experiment) from MLflow")
+    p.add_argument("target", help="job run id, job name, or experiment name/id (its latest job)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--plots", default=None, metavar="DIR", help="also write the plots to DIR")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("validate", help="check a job file without running it")
     _job_args(p)
     p.set_defaults(fn=cmd_validate)

@@ -319,7 +319,7 @@ class Job:
                         max_new_tokens=cfg.eval.max_new_tokens or cfg.task.response_length,
                         temperature=cfg.eval.temperature, seed=cfg.seed + (0 if adapter_path is None else 1),
                         max_prompt_length=cfg.data.max_prompt_length, fixed_length=cfg.is_embedded,
-                        use_gpu=cfg.train.use_gpu, num_actors=max(1, min(2, cfg.train.num_workers)))
+                        use_gpu=cfg.train.use_gpu, num_actors=1)
 
     def _reference_scores(self):
         path = self.job_dir / "eval" / f"reference-generations-seed{self.cfg.seed}.parquet"
@@ -339,13 +339,25 @@ class Job:
                            r["label_accuracy"], r["stage_label_accuracy"], r.get("extra", {}))
 
     def _log_summary(self, results: list[TrialResult]) -> None:
-        table = summary_table(results)
+        """Per-trial table, the mean +- CI over seeds per (method, epsilon), and the privacy-utility
+        plots, all read back from MLflow (so they show what was logged) and logged to the job run."""
+        from props_ray.plots import make_plots
+        from props_ray.report import summarize, trials_from_mlflow, write_summary
+
         out = self.job_dir / "summary"
         out.mkdir(exist_ok=True)
-        table.to_csv(out / "summary.csv", index=False)
-        (out / "summary.md").write_text(format_table(table, markdown=True) + "\n")
-        self.tracker.artifact(self.job_run, out / "summary.csv")
-        self.tracker.artifact(self.job_run, out / "summary.md")
+        table = summary_table(results)
+        table.to_csv(out / "trials.csv", index=False)
+        (out / "trials.md").write_text(format_table(table, markdown=True) + "\n")
+        files = [out / "trials.csv", out / "trials.md"]
+        try:
+            trials = trials_from_mlflow(self.tracker.client, self.job_run)
+            summary = summarize(trials)
+            files += write_summary(summary, out) + make_plots(trials, summary, out)
+        except Exception as err:  # noqa: BLE001 - the tracking store may be down: keep the local table
+            log.warning("could not build the sweep summary from MLflow (%s); per-trial table only", err)
+        for f in files:
+            self.tracker.artifact(self.job_run, f)
 
 
 def summary_table(results: list[TrialResult]) -> pd.DataFrame:

@@ -8,6 +8,9 @@ import os
 log = logging.getLogger(__name__)
 
 # Keep worker output to what a user wants to read: our progress lines and real errors.
+# Ray Train's controller: poll workers more often (a stage finishes sooner) and skip the
+# preemption watcher actor, which only matters on spot capacity.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error",
              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
 
@@ -17,7 +20,9 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {**QUIET_ENV, "OMP_NUM_THREADS": "1",
+    for k, v in TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
+    env = {"env_vars": {**QUIET_ENV, **TRAIN_ENV, "OMP_NUM_THREADS": "1",
                         **{k: v for k, v in os.environ.items() if k.startswith("PROPS_RAY_")}}}
     address = os.environ.get("RAY_ADDRESS")
     if address:

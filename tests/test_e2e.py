@@ -47,7 +47,10 @@ def test_mlflow_run_tree(demo_run):
         arts = [a.path for a in client.list_artifacts(t.info.run_id, "adapter")]
         assert any(p.endswith("adapter_config.json") for p in arts)
     job_arts = [a.path for a in client.list_artifacts(jobs[0].info.run_id)]
-    assert {"job.yaml", "summary.csv", "summary.md"} <= set(job_arts)
+    assert {"job.yaml", "trials.csv", "summary.csv", "summary.md", "win_rate_vs_epsilon.png",
+            "label_accuracy_vs_epsilon.png", "props_stage_label_accuracy.png"} <= set(job_arts)
+    png = cfg.job_dir / "summary" / "win_rate_vs_epsilon.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert all(by_id[t.info.run_id].info.status == "FINISHED" for t in trials)
 
 

@@ -1,0 +1,344 @@
+"""Privacy-utility reports from the MLflow run tree of a job (no Ray needed).
+
+A job writes one job run (tag ``props_ray.kind = job``) whose children are trial
+runs (tag ``props_ray.kind = trial``), one per (method, epsilon, seed[, K]); see
+:mod:`props_ray.tracking` and :mod:`props_ray.pipeline`. This module reads them
+back and aggregates over seeds::
+
+    trials = trials_from_mlflow(MlflowClient(uri), "my-sweep-experiment")  # one row per trial run
+    summary = summarize(trials)                                           # per (method, epsilon)
+    print(format_summary(summary, markdown=False))
+    write_summary(summary, "report/")                                     # summary.csv, summary.md
+
+Plots are in :mod:`props_ray.plots`; :func:`report_command` is the CLI entry.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from props_ray.tracking import KEY_TAG, PARENT_TAG
+
+KIND_TAG = "props_ray.kind"
+
+TRIAL_COLUMNS = ["run_id", "trial", "method_label", "method", "rule", "epsilon", "seed", "stages",
+                 "win_rate", "win_rate_ci_low", "win_rate_ci_high", "label_accuracy",
+                 "stage_label_accuracy", "final_epsilon"]
+
+SUMMARY_COLUMNS = ["method_label", "epsilon", "stages", "n_seeds", "win_rate_mean", "win_rate_ci",
+                   "win_rate_trial_ci", "label_accuracy_mean", "label_accuracy_ci", "final_epsilon_mean"]
+
+# Reading order of methods in tables and legends: the ceiling first, then the label-DP methods.
+METHOD_ORDER = ("nonprivate", "rr", "props-mle", "props-posterior", "props", "dpsgd")
+
+
+def method_label(method: str, rule: str | None) -> str:
+    """``props-<rule>`` for PROPS, else the method itself."""
+    if method == "props" and rule:
+        return f"props-{rule}"
+    return method
+
+
+def method_sort_key(label: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER), label)
+
+
+# -- reading the run tree -------------------------------------------------------------------------------------
+def _search_all(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None,
+                max_results: int | None = None) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, order_by=order_by,
+                                  max_results=max_results or 1000, page_token=token)
+        runs.extend(page)
+        token = getattr(page, "token", None)
+        if not token or (max_results is not None and len(runs) >= max_results):
+            return runs[:max_results] if max_results else runs
+
+
+def _get_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _get_experiment(client, name_or_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        exp = client.get_experiment_by_name(name_or_id)
+    except MlflowException:
+        exp = None
+    if exp is None:
+        try:
+            exp = client.get_experiment(name_or_id)
+        except MlflowException:
+            exp = None
+    return exp
+
+
+def resolve_job_run(client, run_or_experiment: str):
+    """The job run named by ``run_or_experiment``.
+
+    Tried in order: a job run id; an experiment name or id (its most recently started job run);
+    a job name (the ``props_ray.key`` tag of a job run, most recent first).
+    """
+    target = str(run_or_experiment).strip()
+    run = _get_run(client, target)
+    if run is not None:
+        kind = run.data.tags.get(KIND_TAG)
+        if kind != "job":
+            raise ValueError(f"run {target!r} is a {kind or 'non-props_ray'} run, not a props_ray job run "
+                             f"(tag {KIND_TAG} = 'job')")
+        return run
+    job_filter = f"tags.`{KIND_TAG}` = 'job'"
+    exp = _get_experiment(client, target)
+    if exp is not None:
+        found = _search_all(client, [exp.experiment_id], job_filter, order_by=["attributes.start_time DESC"],
+                            max_results=1)
+        if not found:
+            raise ValueError(f"experiment {exp.name!r} (id {exp.experiment_id}) named by {target!r} has no "
+                             f"props_ray job run (tag {KIND_TAG} = 'job')")
+        return found[0]
+    # A job name: look in every experiment.
+    if "'" not in target:
+        exps = [e.experiment_id for e in client.search_experiments()]
+        if exps:
+            found = _search_all(client, exps, f"{job_filter} and tags.`{KEY_TAG}` = '{target}'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+            if found:
+                return found[0]
+    raise ValueError(f"{target!r} is neither a run id, an experiment name or id, nor a job name in the "
+                     f"MLflow store at {getattr(client, 'tracking_uri', '?')}")
+
+
+def _float(v) -> float:
+    if v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _history(client, run_id: str, key: str) -> list[float]:
+    """The metric's values ordered by step (the latest value where a step was logged twice)."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    return [by_step[s][1] for s in sorted(by_step)]
+
+
+def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
+    """One row per trial run of a job run (or of the most recent job run of an experiment).
+
+    Columns: run_id, trial (run name), method_label (``props-<rule>`` or the method), method, rule,
+    epsilon (float, ``inf`` for the non-private baseline), seed (int; the job's seed when the trial
+    has none), stages, win_rate, win_rate_ci_low, win_rate_ci_high, label_accuracy (NaN when not
+    logged, e.g. dpsgd), stage_label_accuracy (list ordered by step), final_epsilon (dpsgd's spent
+    epsilon, else NaN). Raises ValueError naming ``run_or_experiment`` when nothing matches.
+    """
+    job = resolve_job_run(client, run_or_experiment)
+    job_id = job.info.run_id
+    runs = _search_all(client, [job.info.experiment_id],
+                       f"tags.`{KIND_TAG}` = 'trial' and tags.`{PARENT_TAG}` = '{job_id}'")
+    if not runs:
+        raise ValueError(f"job run {job_id} ({job.info.run_name!r}, from {run_or_experiment!r}) has no trial runs")
+    job_seed = job.data.params.get("seed")
+    job_stages = job.data.params.get("stages")
+    rows = []
+    for r in runs:
+        p, m = r.data.params, r.data.metrics
+        method = p.get("method") or r.data.tags.get("props_ray.method") or "unknown"
+        rule = p.get("rule")
+        eps = p.get("epsilon")
+        epsilon = math.inf if (eps is None and method == "nonprivate") else _float(eps)
+        seed = p.get("seed", job_seed)
+        stages = p.get("stages", job_stages)
+        rows.append({
+            "run_id": r.info.run_id,
+            "trial": r.info.run_name,
+            "method_label": method_label(method, rule),
+            "method": method,
+            "rule": rule,
+            "epsilon": epsilon,
+            "seed": int(seed) if seed is not None else pd.NA,
+            "stages": int(stages) if stages is not None else pd.NA,
+            "win_rate": _float(m.get("win_rate")),
+            "win_rate_ci_low": _float(m.get("win_rate_ci_low")),
+            "win_rate_ci_high": _float(m.get("win_rate_ci_high")),
+            "label_accuracy": _float(m.get("label_accuracy")),
+            "stage_label_accuracy": _history(client, r.info.run_id, "stage_label_accuracy"),
+            "final_epsilon": _float(m.get("final_epsilon")),
+        })
+    df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+    df["seed"] = df["seed"].astype("Int64")
+    df["stages"] = df["stages"].astype("Int64")
+    df["_m"] = df["method_label"].map(method_sort_key)
+    df = df.sort_values(["_m", "epsilon", "stages", "seed", "trial"]).drop(columns="_m")
+    df.attrs["job_run_id"] = job_id
+    df.attrs["job_name"] = job.info.run_name
+    return df.reset_index(drop=True)
+
+
+# -- aggregation ----------------------------------------------------------------------------------------------
+def t_ci_half_width(values, confidence: float = 0.95) -> float:
+    """Half-width of the t-interval for the mean of ``values`` (NaNs ignored): 0 for one value, NaN for none."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    n = len(x)
+    if n == 0:
+        return math.nan
+    if n == 1:
+        return 0.0
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+
+
+def _mean(values) -> float:
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else math.nan
+
+
+def summarize(trials: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate trials over seeds, per (method_label, epsilon) — and per K when trials differ in stages.
+
+    Columns: method_label, epsilon, stages, n_seeds, win_rate_mean, win_rate_ci (95% t-interval
+    half-width over seeds; 0 with one seed), win_rate_trial_ci (mean of the trials' own 95% CI
+    half-widths, the evaluation noise within a trial: the uncertainty to quote with one seed),
+    label_accuracy_mean, label_accuracy_ci (NaN where no trial logged label accuracy),
+    final_epsilon_mean (dpsgd). Sorted by method (nonprivate, rr, props-*, dpsgd, others) then epsilon.
+    """
+    if trials.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    t = trials.copy()
+    if "stages" not in t:
+        t["stages"] = pd.NA
+    t["_stages"] = t["stages"].astype("Int64").fillna(-1)
+    rows = []
+    for (label, eps, k), g in t.groupby(["method_label", "epsilon", "_stages"], sort=False, dropna=False):
+        half = (g["win_rate_ci_high"].astype(float) - g["win_rate_ci_low"].astype(float)) / 2
+        rows.append({
+            "method_label": label,
+            "epsilon": float(eps),
+            "stages": pd.NA if k == -1 else int(k),
+            "n_seeds": int(len(g)),
+            "win_rate_mean": _mean(g["win_rate"]),
+            "win_rate_ci": t_ci_half_width(g["win_rate"]),
+            "win_rate_trial_ci": _mean(half),
+            "label_accuracy_mean": _mean(g["label_accuracy"]) if "label_accuracy" in g else math.nan,
+            "label_accuracy_ci": t_ci_half_width(g["label_accuracy"]) if "label_accuracy" in g else math.nan,
+            "final_epsilon_mean": _mean(g["final_epsilon"]) if "final_epsilon" in g else math.nan,
+        })
+    s = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    s["stages"] = s["stages"].astype("Int64")
+    s["_m"] = s["method_label"].map(method_sort_key)
+    return s.sort_values(["_m", "epsilon", "stages"]).drop(columns="_m").reset_index(drop=True)
+
+
+# -- text -----------------------------------------------------------------------------------------------------
+def format_epsilon(eps: float) -> str:
+    return "∞" if math.isinf(eps) else f"{eps:g}"
+
+
+def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
+    """method, ε, [K,] seeds, win rate mean ± 95% CI, label accuracy mean ± 95% CI.
+
+    The win-rate CI is over seeds; for a single seed it is the trial's own CI (marked †, with a note).
+    Label accuracy with one seed is shown without a CI; ``-`` where it was not measured (dpsgd).
+    """
+    show_k = "stages" in summary and summary["stages"].dropna().nunique() > 1
+    head = ["method", "ε", *(["K"] if show_k else []), "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI"]
+    rows, single = [], False
+    for r in summary.to_dict("records"):
+        if r["n_seeds"] > 1:
+            win = f"{r['win_rate_mean']:.3f} ± {r['win_rate_ci']:.3f}"
+        else:
+            single = True
+            win = f"{r['win_rate_mean']:.3f} ± {r['win_rate_trial_ci']:.3f}†"
+        acc, acc_ci = r["label_accuracy_mean"], r["label_accuracy_ci"]
+        if acc is None or pd.isna(acc):
+            acc_s = "-"
+        elif acc_ci is None or pd.isna(acc_ci) or r["n_seeds"] <= 1:
+            acc_s = f"{acc:.3f}"
+        else:
+            acc_s = f"{acc:.3f} ± {acc_ci:.3f}"
+        k = [] if not show_k else ["-" if pd.isna(r["stages"]) else str(int(r["stages"]))]
+        rows.append([str(r["method_label"]), format_epsilon(float(r["epsilon"])), *k, str(int(r["n_seeds"])),
+                     win, acc_s])
+    note = "† one seed: the trial's own 95% CI over evaluation comparisons, not over seeds" if single else ""
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        if note:
+            lines += ["", note]
+        return "\n".join(lines)
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*row) for row in rows)]
+    if note:
+        lines.append(note)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def write_summary(summary: pd.DataFrame, out_dir) -> list[Path]:
+    """``summary.csv`` (every column, ε = inf for the baseline) and ``summary.md`` (the Markdown table)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md = out / "summary.csv", out / "summary.md"
+    summary.to_csv(csv, index=False)
+    md.write_text(format_summary(summary, markdown=True) + "\n")
+    return [csv, md]
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    """As :meth:`props_ray.config.TrackingConfig.resolved_uri`: explicit, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def report_command(target: str, tracking_uri: str | None, markdown: bool, plots_dir: str | None) -> int:
+    """Print the summary of ``target`` (a job run id, an experiment name/id, or a job name).
+
+    With ``plots_dir``, also write the plots and summary.csv/summary.md there. Returns the exit
+    status: 0, or 2 (with a message on stderr) when the store or the target is not found.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.exists():  # opening it would create an empty store
+            print(f"error: no MLflow store at {uri} ({db.resolve()} does not exist); pass --tracking-uri "
+                  f"or set MLFLOW_TRACKING_URI", file=sys.stderr)
+            return 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        trials = trials_from_mlflow(client, target)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = summarize(trials)
+    print(f"job {trials.attrs.get('job_name')} (run {trials.attrs.get('job_run_id')}): "
+          f"{len(trials)} trial(s) in {uri}\n")
+    print(format_summary(summary, markdown=markdown))
+    if plots_dir:
+        from props_ray.plots import make_plots
+
+        written = write_summary(summary, plots_dir) + make_plots(trials, summary, plots_dir)
+        print()
+        for p in written:
+            print(f"wrote {p}")
+    return 0

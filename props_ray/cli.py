@@ -22,7 +22,9 @@ def cmd_validate(args) -> int:
     cfg = load_job(args.job, args.overrides)
     trials = cfg.trials()
     print(f"{args.job}: valid job '{cfg.name}' with {len(trials)} trial(s): "
-          + ", ".join(f"{m.display_name}" + ("" if e is None else f"@eps={e:g}") for m, e in trials))
+          + ", ".join(f"{m.display_name}" + ("" if e is None else f"@eps={e:g}") for m, e in trials)
+          + (f"; x {len(cfg.variants())} sweep variants (seeds {[v.seed for v in cfg.variants()]}, "
+             f"K {[v.stages for v in cfg.variants()]})" if cfg.is_sweep else ""))
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import pandas as pd
 
 from props_ray.config import JobConfig, MethodConfig, dump_job
-from props_ray.data.prepare import PreparedData, prepare_data
+from props_ray.data.prepare import prepare_data
 from props_ray.data.privatize import privatize_partition
 from props_ray.data.tokenize_step import to_training_dataset
 from props_ray.privacy.randomized_response import flip_probability
@@ -172,7 +172,14 @@ class Job:
             for k in range(1, cfg.stages + 1):
                 pairs = stage_pairs[k]
                 if k > 1:
-                    pairs, info = self._relabel(k, pairs, prev, epsilon, method.rule, trial_dir)
+                    relabeled = state.setdefault("relabel", {})
+                    labels_path = trial_dir / f"labels-stage-{k}.parquet"
+                    if str(k) in relabeled and labels_path.exists():  # resumed: the same labels, not redone
+                        pairs, info = pd.read_parquet(labels_path), relabeled[str(k)]
+                    else:
+                        pairs, info = self._relabel(k, pairs, prev, epsilon, method.rule, labels_path)
+                        relabeled[str(k)] = info
+                        state_path.write_text(json.dumps(state, indent=1))
                     stage_info[k] = info
                 used_pairs[k] = pairs
                 if str(k) not in checkpoints:
@@ -269,7 +276,7 @@ class Job:
                 for c in cks]
 
     def _relabel(self, k: int, privatized: pd.DataFrame, prev: dict, epsilon: float, rule: str,
-                 trial_dir: Path) -> tuple[pd.DataFrame, dict]:
+                 labels_path: Path) -> tuple[pd.DataFrame, dict]:
         from props_ray.relabel import apply_combination, score_partition
 
         cfg = self.cfg
@@ -280,7 +287,7 @@ class Job:
         margins = score_partition(ds, base_path=self.base_path, adapter_path=prev["model_path"],
                                   model_cfg=cfg.model, beta=cfg.train.beta, use_gpu=cfg.train.use_gpu)
         combined, comb = apply_combination(privatized, margins, epsilon, rule)
-        combined.to_parquet(trial_dir / f"labels-stage-{k}.parquet", index=False)  # privatized-derived only
+        combined.to_parquet(labels_path, index=False)  # derived from privatized labels only
         info = {"disagreement": comb.disagreement, "model_error": comb.model_error,
                 "calibration_scale": comb.calibration_scale, "flipped_fraction": float(comb.flipped.mean()),
                 "relabel_seconds": time.time() - t}

@@ -1,7 +1,6 @@
 """End to end on real Ray (local) and a real MLflow store: a small demo, then a re-run that resumes."""
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -15,7 +15,6 @@ which response is "chosen".
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path

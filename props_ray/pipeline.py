@@ -161,6 +161,10 @@ class Job:
             self.say(f"[{name}] already complete; reusing its results")
             return self._result_from_state(state["result"])
 
+        if method.method == "dpsgd":  # a bad delta is a config error now, not a worker failure later
+            from props_ray.privacy.accounting import resolve_delta
+
+            resolve_delta(cfg.privacy.dpsgd.delta, self.data.num_pairs)
         self.say(f"[{name}] training {cfg.stages} stage(s)")
         stage_pairs = self._stage_inputs(method, epsilon)  # stage -> pairs, or None where relabel decides
         used_pairs: dict[int, pd.DataFrame] = {}
@@ -215,6 +219,13 @@ class Job:
         if "epsilon" in extra:
             extra["final_epsilon"] = extra.pop("epsilon")
         result = TrialResult(name, method.method, epsilon, cfg.stages, win, acc, stage_acc, extra)
+        if method.method == "dpsgd":
+            m = final.get("metrics", {})
+            self.tracker.params(run_id, {"noise_multiplier": m.get("noise_multiplier"),
+                                         "sample_rate": m.get("sample_rate"), "steps": m.get("steps"),
+                                         "max_grad_norm": cfg.privacy.dpsgd.max_grad_norm,
+                                         "delta": m.get("delta"), "accountant": cfg.privacy.dpsgd.accountant})
+            self.tracker.metrics(run_id, {"epsilon": m.get("epsilon")})
         self.tracker.metrics(run_id, {"win_rate": win.win_rate, "win_rate_ci_low": win.ci_low,
                                       "win_rate_ci_high": win.ci_high, "wins": win.wins, "ties": win.ties,
                                       "losses": win.losses, "label_accuracy": acc,
@@ -302,7 +313,9 @@ class Job:
                                      tags={"props_ray.kind": "stage"})
         if self.tracker.is_finished(stage_run):
             return
-        self.tracker.params(stage_run, {"stage": k, "pairs": len(pairs), "loss": self._stage_loss(method, k)})
+        mech = {key: ck["metrics"][key] for key in ("noise_multiplier", "sample_rate", "steps")
+                if key in ck.get("metrics", {}) and method.method == "dpsgd"}
+        self.tracker.params(stage_run, {"stage": k, "pairs": len(pairs), "loss": self._stage_loss(method, k), **mech})
         path = Path(ck["path"]) / "metrics.jsonl"
         rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
         self.tracker.metric_history(stage_run, [r for r in rows if r.get("stage") == k], STAGE_METRIC_KEYS)

@@ -9,7 +9,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from props_ray.privacy.accounting import (PrivacyConfigError, StagedAccountant, accountant_from_state,
                                           accountant_state, calibrate_noise_multiplier, epsilon_after,
-                                          make_accountant, plan_steps, resolve_delta, sample_rate)
+                                          make_accountant, plan_steps, resolve_delta, sample_rate,
+                                          steps_in_epoch)
 
 OPACUS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 
@@ -59,8 +60,10 @@ def test_resolve_delta_default_and_rejection():
 def test_plan_and_sample_rate():
     assert sample_rate(32, 1000) == pytest.approx(0.032)
     assert sample_rate(64, 10) == 1.0
-    assert plan_steps(1000, 32, 2) == (31, 62)
-    assert plan_steps(4, 32, 3) == (1, 3)
+    assert plan_steps(1000, 32, 2) == round(62.5) == 62
+    assert plan_steps(200, 32, 2) == 12 and plan_steps(4, 32, 3) == 1
+    assert [steps_in_epoch(13, 3, e) for e in range(3)] == [5, 4, 4]
+    assert [steps_in_epoch(1, 3, e) for e in range(3)] == [1, 0, 0]
 
 
 def test_accountant_state_round_trip():

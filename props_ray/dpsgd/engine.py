@@ -23,8 +23,8 @@ Where each part of the mechanism lives:
   The accountant state is part of the engine state in every checkpoint.
 
 What the guarantee covers: the model checkpoints (and anything computed from
-them). The training loop's logged loss / reward accuracy / margin are computed
-on the private batches without noise and are *not* covered by epsilon.
+them). The batches' loss / reward accuracy / margin are computed without noise,
+so the loop does not log them for this engine (``logs_batch_statistics``).
 """
 
 from __future__ import annotations
@@ -169,6 +169,10 @@ class DPSGDEngine:
     """
 
     name = "dpsgd"
+    # The batches' loss, reward accuracy and margin are computed without noise: epsilon does not
+    # cover them, so the loop neither logs nor prints them for DP-SGD (epsilon and the
+    # mechanism's parameters are logged instead).
+    logs_batch_statistics = False
 
     def __init__(self, *, target_epsilon: float | None, delta: float, max_grad_norm: float,
                  expected_batch_size: int, epochs: int, physical_batch_size: int | None = None,
@@ -205,7 +209,9 @@ class DPSGDEngine:
                    secure=cfg.secure_randomness)
 
     # -- set-up -------------------------------------------------------------------
-    def wrap(self, model, optimizer, num_pairs: int):
+    def wrap(self, model, optimizer, num_pairs: int | None = None):
+        """Broadcast rank 0's trainable parameters, add per-sample hooks, wrap the optimizer (no DDP).
+        ``num_pairs`` is unused: each stage is planned in :meth:`start_stage`."""
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise PrivacyConfigError("method 'dpsgd' does not support gradient checkpointing")
         self.rank, self.world_size = _dist()
@@ -251,7 +257,7 @@ class DPSGDEngine:
             gen.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1 if self.secure
                             else _seed_int(self.seed, self.stage, epoch, 0x7015E))
             self.optimizer.generator = gen
-        for _ in range(plan.steps_per_epoch):
+        for _ in range(plan.steps_in_epoch(epoch)):
             idx = sampler.sample()
             if idx.numel() == 0:
                 self.empty_local_batches += 1
@@ -272,28 +278,35 @@ class DPSGDEngine:
 
     # -- reporting and state -------------------------------------------------------------
     def metrics(self) -> dict:
-        """Privacy spent so far. Called by every rank at the same points (it runs one collective)."""
-        out: dict = {"epsilon": self.accounting.epsilon(), "delta": self.accounting.delta}
+        """Privacy spent so far, and replica / sampling health.
+
+        Called by every rank at the same points (it runs one collective). Epsilon is computed on
+        rank 0 only (a PRV evaluation costs up to a second on a CPU) and shared with the others.
+        """
+        eps = None
+        if self.rank == 0:
+            eps = (self.accounting.epsilon(),
+                   self.accounting.stage_epsilon(self.stage) if self.stage is not None else 0.0)
+        digest = params_digest(self.model) if self.model is not None else ""
+        empty = self.empty_local_batches
+        if self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, (digest, empty, eps))
+            eps = gathered[0][2]
+            in_sync = int(len({d for d, _, _ in gathered}) == 1)
+            empty = int(sum(e for _, e, _ in gathered))
+        else:
+            in_sync = 1
+        out: dict = {"epsilon": eps[0], "delta": self.accounting.delta}
         if self.target_epsilon is not None:
             out["target_epsilon"] = float(self.target_epsilon)
         if self.stage is not None:
             plan = self.accounting.stages[self.stage]
             out.update({"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                        "steps": plan.steps, "planned_steps": plan.planned_steps,
-                        "stage_epsilon": self.accounting.stage_epsilon(self.stage)})
-        out["total_steps"] = sum(p.steps for p in self.accounting.stages.values())
-        out["max_grad_norm"] = self.max_grad_norm
-        out["expected_batch_size"] = self.expected_batch_size
-        digest = params_digest(self.model) if self.model is not None else ""
-        empty = self.empty_local_batches
-        if self.world_size > 1:
-            gathered: list = [None] * self.world_size
-            torch.distributed.all_gather_object(gathered, (digest, empty))
-            out["replicas_in_sync"] = int(len({d for d, _ in gathered}) == 1)
-            out["empty_local_batches"] = int(sum(e for _, e in gathered))
-        else:
-            out["replicas_in_sync"] = 1
-            out["empty_local_batches"] = int(empty)
+                        "steps": plan.steps, "planned_steps": plan.planned_steps, "stage_epsilon": eps[1]})
+        out.update({"total_steps": sum(p.steps for p in self.accounting.stages.values()),
+                    "max_grad_norm": self.max_grad_norm, "expected_batch_size": self.expected_batch_size,
+                    "replicas_in_sync": in_sync, "empty_local_batches": int(empty)})
         return out
 
     def state_dict(self) -> dict:

@@ -76,10 +76,15 @@ def sample_rate(expected_batch_size: int, num_pairs: int) -> float:
     return min(1.0, expected_batch_size / num_pairs)
 
 
-def plan_steps(num_pairs: int, expected_batch_size: int, epochs: int) -> tuple[int, int]:
-    """(steps per epoch, planned steps) for a stage: ``round(N / B)`` logical steps per epoch, at least 1."""
-    per_epoch = max(1, int(round(num_pairs / expected_batch_size)))
-    return per_epoch, per_epoch * epochs
+def plan_steps(num_pairs: int, expected_batch_size: int, epochs: int) -> int:
+    """Planned logical steps of a stage: ``round(epochs * N / B)``, at least 1."""
+    return max(1, int(round(epochs * num_pairs / expected_batch_size)))
+
+
+def steps_in_epoch(planned_steps: int, epochs: int, epoch: int) -> int:
+    """The planned steps spread over the epochs as evenly as possible (earlier epochs take the remainder)."""
+    base, extra = divmod(planned_steps, epochs)
+    return base + (1 if epoch < extra else 0)
 
 
 def epsilon_after(steps: int, sample_rate: float, noise_multiplier: float, delta: float,
@@ -132,7 +137,7 @@ class StagePlan:
     stage: int
     num_pairs: int
     sample_rate: float
-    steps_per_epoch: int
+    epochs: int
     planned_steps: int
     noise_multiplier: float
     history: list = field(default_factory=list)  # Opacus accountant history [(sigma, q, steps)]
@@ -140,6 +145,9 @@ class StagePlan:
     @property
     def steps(self) -> int:
         return sum(int(n) for _, _, n in self.history)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return steps_in_epoch(self.planned_steps, self.epochs, epoch)
 
 
 class StagedAccountant:
@@ -161,7 +169,7 @@ class StagedAccountant:
         A fixed ``noise_multiplier`` overrides calibration to ``target_epsilon``.
         """
         q = sample_rate(expected_batch_size, num_pairs)
-        per_epoch, planned = plan_steps(num_pairs, expected_batch_size, epochs)
+        planned = plan_steps(num_pairs, expected_batch_size, epochs)
         old = self.stages.get(stage)
         if old is not None:
             if (old.num_pairs, old.planned_steps) != (num_pairs, planned) or not math.isclose(old.sample_rate, q):
@@ -175,7 +183,7 @@ class StagedAccountant:
             sigma = calibrate_noise_multiplier(target_epsilon, self.delta, q, planned, self.accountant)
         else:
             sigma = float(noise_multiplier)
-        plan = StagePlan(stage, int(num_pairs), q, per_epoch, planned, sigma)
+        plan = StagePlan(stage, int(num_pairs), q, int(epochs), planned, sigma)
         self.stages[stage] = plan
         return plan
 

@@ -21,6 +21,9 @@ TRAIN_COLUMNS = (*PAIR_TENSORS, "confidence")
 
 class StandardEngine:
     name = "standard"
+    # Loss, reward accuracy and margin of the training batches may be logged: for RR and PROPS they
+    # are post-processing of privatized labels. DP-SGD's engine says False: they are not noised.
+    logs_batch_statistics = True
 
     def __init__(self, batch_size: int, world_size: int, max_grad_norm: float | None, seed: int):
         self.per_worker_batch = max(1, batch_size // world_size)

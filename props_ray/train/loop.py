@@ -126,14 +126,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if world > 1:
                         torch.distributed.all_reduce(stats)
                     n = max(stats[3].item(), 1.0)
-                    row = {"stage": stage, "epoch": epoch, "step": step, "loss": stats[0].item() / n,
-                           "reward_accuracy": stats[1].item() / n, "margin": stats[2].item() / n,
-                           **engine.metrics()}
+                    row = {"stage": stage, "epoch": epoch, "step": step, **engine.metrics()}
+                    if engine.logs_batch_statistics:
+                        row.update({"loss": stats[0].item() / n, "reward_accuracy": stats[1].item() / n,
+                                    "margin": stats[2].item() / n})
                     history.append(row)
                     if rank == 0:
                         print(f"[props-ray] {loop_config['trial']} stage {stage} epoch {epoch + 1}/"
-                              f"{cfg.train.epochs} step {step}: loss {row['loss']:.4f} "
-                              f"reward acc {row['reward_accuracy']:.3f}"
+                              f"{cfg.train.epochs} step {step}"
+                              + (f": loss {row['loss']:.4f} reward acc {row['reward_accuracy']:.3f}"
+                                 if "loss" in row else "")
                               + (f" epsilon {row['epsilon']:.3f}" if "epsilon" in row else ""), flush=True)
             # An epoch-end checkpoint lets a failed worker resume mid-stage.
             last_epoch = epoch == cfg.train.epochs - 1
@@ -164,7 +166,7 @@ def _report(model, optimizer, engine, rank, stage, epoch, stage_done, done_stage
     metrics = {"stage": stage, "epoch": epoch, "stage_done": stage_done, "step": step,
                "epoch_seconds": seconds, "rank_param_spread": rank_param_spread(model), **engine.metrics()}
     if history:
-        metrics.update({k: history[-1][k] for k in ("loss", "reward_accuracy", "margin")})
+        metrics.update({k: history[-1][k] for k in ("loss", "reward_accuracy", "margin") if k in history[-1]})
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:

@@ -44,6 +44,10 @@ def test_worker_failure_resumes_stage_from_last_checkpoint(ray_local, tiny_job_r
     assert results[0].win.n > 0
 
 
+# One gunicorn worker and no background job runner: the server starts in seconds on a small machine.
+SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,7 +66,7 @@ def test_driver_killed_mid_job_resumes_without_redrawing(tiny_job_raw, tmp_path)
     proc = subprocess.Popen(cli, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.time() + 400
+        deadline = time.time() + 900  # generous: CI machines are small and may be loaded
         while time.time() < deadline and proc.poll() is None:
             if state.exists() and "1" in json.loads(state.read_text())["stages"]:
                 break
@@ -101,19 +105,20 @@ def mlflow_server(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
                              "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=SERVER_ENV)
     uri = f"http://127.0.0.1:{port}"
 
     def wait_up():
         import urllib.request
 
-        for _ in range(120):
+        for _ in range(600):
             try:
                 urllib.request.urlopen(uri + "/health", timeout=1)
                 return
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
+        raise RuntimeError("mlflow server did not start within 5 minutes")
     wait_up()
     yield {"uri": uri, "proc": proc, "tmp": tmp_path, "port": port}
     if proc.poll() is None:
@@ -154,11 +159,12 @@ def test_tracking_outage_mid_run_is_journaled_and_replayed(mlflow_server):
                              str(mlflow_server["port"]), "--backend-store-uri",
                              f"sqlite:///{mlflow_server['tmp']}/server.db", "--artifacts-destination",
                              str(mlflow_server["tmp"] / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=SERVER_ENV)
     mlflow_server["proc"] = proc
     import urllib.request
 
-    for _ in range(120):
+    for _ in range(600):
         try:
             urllib.request.urlopen(mlflow_server["uri"] + "/health", timeout=1)
             break

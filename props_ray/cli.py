@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from props_ray.data.privatize import PrivatizedLabelsError
         from props_ray.tracking import TrackingUnavailable
 
-        if isinstance(err, (TrackingUnavailable, PrivatizedLabelsError)):
+        from props_ray.privacy.accounting import PrivacyConfigError
+        from props_ray.storage import StorageError
+
+        if isinstance(err, (TrackingUnavailable, PrivatizedLabelsError, PrivacyConfigError, StorageError)):
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise

@@ -92,6 +92,13 @@ class Job:
 
         ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
         self.timings["ray_start"] = time.time() - t
+        from props_ray.storage import check_shared_storage
+
+        try:
+            check_shared_storage(cfg.output_dir)  # multi-node: checkpoints and RR labels need shared storage
+        except ValueError:
+            self.tracker.finish(self.job_run, status="FAILED")
+            raise
 
         results = []
         for variant in cfg.variants():

@@ -26,17 +26,20 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
                         **{k: v for k, v in os.environ.items() if k.startswith("PROPS_RAY_")}}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        # Inside a Ray job (ray job submit / props-ray submit) the job has a runtime_env of its own:
+        # merge ours into it rather than have Ray refuse the second one.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         log.info("connected to the Ray cluster at %s", address)
-        return
-    # Logical CPUs: the training workers, one Ray Data actor, and the train controller, even on 2 cores.
-    cpus = max(os.cpu_count() or 1, int(num_workers * cpus_per_worker) + 2)
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
-             configure_logging=True, logging_level=logging.WARNING)
+    else:
+        # Logical CPUs: the training workers, one Ray Data actor, and the train controller, even on 2 cores.
+        cpus = max(os.cpu_count() or 1, int(num_workers * cpus_per_worker) + 2)
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
+                 configure_logging=True, logging_level=logging.WARNING)
+        log.info("started a local Ray instance with %d logical CPUs", cpus)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    log.info("started a local Ray instance with %d logical CPUs", cpus)

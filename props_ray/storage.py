@@ -39,11 +39,11 @@ NETWORK_FS_PREFIXES = ("fuse.",)
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-@dataclass(frozen=True)
 class StorageError(ValueError):
     """Job storage that the cluster cannot use (named in the message)."""
 
 
+@dataclass(frozen=True)
 class Mount:
     device: str
     mount_point: str

@@ -52,6 +52,14 @@ def cmd_submit(args) -> int:
     return submit(args)
 
 
+def cmd_bench(args) -> int:
+    from props_ray.bench.suite import SECTIONS, run_bench
+
+    sections = args.only or list(SECTIONS)
+    run_bench(args.quick, sections, args.output_dir, job=args.job, json_path=args.json)
+    return 0
+
+
 def cmd_ui(args) -> int:
     from props_ray.config import TrackingConfig
 
@@ -88,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(p)
     p.set_defaults(fn=cmd_submit)
+    p = sub.add_parser("bench", help="benchmarks: throughput vs TRL, DP-SGD overhead, relabel throughput, "
+                                     "demo wall time; prints a table of ratios against their goals")
+    p.add_argument("--quick", action="store_true", help="a reduced run (a few minutes on a 2-core CPU)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every figure to PATH as JSON")
+    p.add_argument("--only", nargs="+", choices=["demo", "throughput", "dp_overhead", "relabel"], default=None)
+    p.add_argument("--job", default="jobs/demo.yaml", help="the job the demo section runs (default jobs/demo.yaml)")
+    p.add_argument("--output-dir", default="runs/bench", help="where the bench's jobs write (default runs/bench)")
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("ui", help="open the MLflow UI on the job's tracking store")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--host", default="127.0.0.1")

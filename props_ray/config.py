@@ -181,6 +181,10 @@ class SweepConfig(_Section):
 
     seeds: list[int] | None = Field(None, min_length=1, description="default: [seed]")
     stages: list[int] | None = Field(None, min_length=1, description="values of K; default: [stages]")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="trials (method x epsilon) of a variant run at once, each a Ray task launching its "
+                                "own trainers; default: as many as the cluster's CPUs hold (1 on a local 2-core "
+                                "machine). Applies to any job with several trials, sweep or not")
 
     @field_validator("stages")
     @classmethod

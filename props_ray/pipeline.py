@@ -70,6 +70,7 @@ class Job:
         self.say = progress
         self.job_dir = cfg.job_dir.resolve()
         self.timings: dict[str, float] = {}
+        self.may_draw = True  # only the driver draws RR labels; trial tasks read them back
 
     # -- the whole job ----------------------------------------------------------
     def run(self) -> list[TrialResult]:
@@ -127,28 +128,92 @@ class Job:
         self.say(f"reference model: {self.base_path} ({time.time() - t:.1f}s)")
 
         t = time.time()
-        self.data = prepare_data(cfg)
+        self._load_data()
         self.say(f"data: {self.data.num_pairs} pairs from {self.data.source} in {cfg.stages} partitions "
                  f"{[len(p) for p in self.data.partitions]}, {len(self.data.eval_prompts)} held-out prompts"
                  + (f", {len(self.data.skipped)} rows skipped" if self.data.skipped else ""))
-        self.judge = self._judge()
-        self.reference_scores = self._reference_scores()
         self.timings[f"data_and_reference_eval{self.suffix}"] = time.time() - t
 
-        results = []
-        for method, eps in cfg.trials():
-            t = time.time()
-            results.append(self.run_trial(method, eps))
-            self.timings[f"trial:{results[-1].trial}"] = time.time() - t
-        return results
+        trials = cfg.trials()
+        # RR labels are drawn here, in the driver, once per (seed, K, epsilon) and persisted before any
+        # trial starts: trials running at once then all read the same draw, and none redraws it.
+        for method, eps in trials:
+            self._stage_inputs(method, eps)
+        limit = self._concurrency(len(trials))
+        if limit <= 1:
+            return [self.run_trial(method, eps) for method, eps in trials]
+        return self._run_concurrently(trials, limit)
+
+    def _load_data(self) -> None:
+        """Data, judge and reference scores of the current variant (in the driver or a trial task)."""
+        self.data = prepare_data(self.cfg)
+        self.judge = self._judge()
+        self.reference_scores = self._reference_scores()
+
+    def _concurrency(self, n_trials: int) -> int:
+        """How many trials run at once: ``sweep.max_concurrent_trials``, else as many as the cluster's
+        CPUs hold, each trial needing its training workers plus one inference actor."""
+        import ray
+
+        if self.cfg.sweep.max_concurrent_trials:
+            return min(n_trials, self.cfg.sweep.max_concurrent_trials)
+        per_trial = self.cfg.train.num_workers * self.cfg.train.cpus_per_worker + 1
+        return max(1, min(n_trials, int(ray.cluster_resources().get("CPU", 0) // per_trial)))
+
+    def _run_concurrently(self, trials, limit: int) -> list[TrialResult]:
+        """Each trial's training, relabels and evaluation run in a Ray task (which launches the
+        trial's TorchTrainers and Ray Data jobs; Ray places them as resources free up); at most
+        ``limit`` at a time. MLflow logging stays here in the driver."""
+        import ray
+
+        self.say(f"running {len(trials)} trials, up to {limit} at a time")
+        execute = ray.remote(num_cpus=0, max_retries=0)(_execute_trial_task)
+        results: dict[int, TrialResult] = {}
+        todo = list(enumerate(trials))
+        running: dict = {}
+        while todo or running:
+            while todo and len(running) < limit:
+                i, (method, eps) = todo.pop(0)
+                opened = self._open_trial(method, eps)
+                if isinstance(opened, TrialResult):  # already complete (a resumed job)
+                    results[i] = opened
+                    continue
+                ref = execute.remote(self.job_cfg.model_dump(mode="json"), self.cfg.model_dump(mode="json"),
+                                     self.suffix, self.base_path, method.model_dump(mode="json"), eps)
+                running[ref] = (i, method, eps, opened, time.time())
+            if not running:
+                continue
+            done, _ = ray.wait(list(running), num_returns=1)
+            i, method, eps, (run_id, name), t = running.pop(done[0])
+            outcome, timings = ray.get(done[0])  # a failed trial raises here, with its worker's error
+            for k, v in timings.items():
+                self._add_time(k, v)
+            results[i] = self._track_trial(run_id, name, method, eps, outcome)
+            self.timings[f"trial:{name}"] = time.time() - t
+        return [results[i] for i in range(len(trials))]
 
     # -- one (method, epsilon) --------------------------------------------------
     def run_trial(self, method: MethodConfig, epsilon: float | None) -> TrialResult:
-        cfg = self.cfg
+        t = time.time()
+        opened = self._open_trial(method, epsilon)
+        if isinstance(opened, TrialResult):
+            return opened
+        run_id, name = opened
+        outcome = self.execute_trial(method, epsilon)
+        result = self._track_trial(run_id, name, method, epsilon, outcome)
+        self.timings[f"trial:{name}"] = time.time() - t
+        return result
+
+    def _trial_paths(self, method: MethodConfig, epsilon: float | None) -> tuple[str, Path, Path]:
         name = trial_name(method, epsilon) + self.suffix
         trial_dir = self.job_dir / "trials" / name
+        return name, trial_dir, trial_dir / "state.json"
+
+    def _open_trial(self, method: MethodConfig, epsilon: float | None):
+        """The trial's MLflow run and params (driver side); its stored result if it is complete."""
+        cfg = self.cfg
+        name, trial_dir, state_path = self._trial_paths(method, epsilon)
         trial_dir.mkdir(parents=True, exist_ok=True)
-        state_path = trial_dir / "state.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
 
         run_id = self.tracker.run(f"{self.job_cfg.name}/{name}", name, parent=self.job_run,
@@ -167,16 +232,31 @@ class Job:
         if "result" in state:
             self.say(f"[{name}] already complete; reusing its results")
             return self._result_from_state(state["result"])
-
         if method.method == "dpsgd":  # a bad delta is a config error now, not a worker failure later
             from props_ray.privacy.accounting import resolve_delta
 
             resolve_delta(cfg.privacy.dpsgd.delta, self.data.num_pairs)
+        return run_id, name
+
+    def execute_trial(self, method: MethodConfig, epsilon: float | None) -> dict:
+        """Train the trial's stages (PROPS: with relabels in between) and evaluate the final model.
+
+        No tracking here: this runs in the driver or in a Ray task. Progress is kept in the
+        trial's ``state.json`` (checkpoints, relabels), so a re-run resumes where it stopped; the
+        returned outcome (also stored there) is what the driver logs.
+        """
+        cfg = self.cfg
+        name, trial_dir, state_path = self._trial_paths(method, epsilon)
+        self._trial = name
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+        if "outcome" in state:  # computed, but the driver stopped before logging it
+            return state["outcome"]
+        started = time.time()
         self.say(f"[{name}] training {cfg.stages} stage(s)")
         stage_pairs = self._stage_inputs(method, epsilon)  # stage -> pairs, or None where relabel decides
         used_pairs: dict[int, pd.DataFrame] = {}
         stage_info: dict[int, dict] = {}
-        checkpoints: dict[int, dict] = state["stages"]
+        checkpoints: dict[str, dict] = state["stages"]
 
         if method.method == "props":
             prev = None
@@ -207,25 +287,42 @@ class Job:
                     checkpoints[str(ck["stage"])] = ck
                 state_path.write_text(json.dumps(state, indent=1))
 
-        # -- tracking of the stages ------------------------------------------
-        for k in range(1, cfg.stages + 1):
-            self._log_stage(run_id, name, k, checkpoints[str(k)], stage_info.get(k, {}), used_pairs[k], method)
-
         # -- evaluation --------------------------------------------------------
         final = checkpoints[str(cfg.stages)]
         t = time.time()
-        policy_scores = self._policy_scores(final["model_path"])
-        win = win_rate(policy_scores, self.reference_scores)
+        win = win_rate(self._policy_scores(final["model_path"]), self.reference_scores)
+        eval_seconds = time.time() - t
+        self._add_time(f"{name}:eval", eval_seconds)
         acc, stage_acc = None, []
         if cfg.want_label_accuracy and method.method in ("rr", "props", "nonprivate"):
-            truth = self.data.truth()
+            truth = self.data.truth()  # the evaluator knows the truth; only accuracies leave this step
             stage_acc = [label_accuracy(used_pairs[k], truth) for k in range(1, cfg.stages + 1)]
             acc = label_accuracy(pd.concat(used_pairs.values(), ignore_index=True), truth)
         extra = {k: v for k, v in final.get("metrics", {}).items() if k in ("epsilon", "delta", "noise_multiplier",
                                                                             "sample_rate", "steps")}
         if "epsilon" in extra:
             extra["final_epsilon"] = extra.pop("epsilon")
-        result = TrialResult(name, method.method, epsilon, cfg.stages, win, acc, stage_acc, extra)
+        state["outcome"] = {"stage_info": {str(k): v for k, v in stage_info.items()},
+                            "stage_pairs": {str(k): len(p) for k, p in used_pairs.items()},
+                            "win": win.as_dict(), "label_accuracy": acc, "stage_label_accuracy": stage_acc,
+                            "extra": extra, "eval_seconds": eval_seconds, "started": started,
+                            "finished": time.time()}
+        state_path.write_text(json.dumps(state, indent=1))
+        return state["outcome"]
+
+    def _track_trial(self, run_id: str, name: str, method: MethodConfig, epsilon: float | None,
+                     outcome: dict) -> TrialResult:
+        """Log a computed trial to MLflow (driver side) and mark it complete."""
+        cfg = self.cfg
+        _, _, state_path = self._trial_paths(method, epsilon)
+        state = json.loads(state_path.read_text())
+        checkpoints = state["stages"]
+        for k in range(1, cfg.stages + 1):
+            self._log_stage(run_id, name, k, checkpoints[str(k)], outcome["stage_info"].get(str(k), {}),
+                            outcome["stage_pairs"][str(k)], method)
+        final = checkpoints[str(cfg.stages)]
+        win, acc, stage_acc, extra = (WinRate(**outcome["win"]), outcome["label_accuracy"],
+                                      outcome["stage_label_accuracy"], outcome["extra"])
         if method.method == "dpsgd":
             m = final.get("metrics", {})
             self.tracker.params(run_id, {"noise_multiplier": m.get("noise_multiplier"),
@@ -236,7 +333,7 @@ class Job:
         self.tracker.metrics(run_id, {"win_rate": win.win_rate, "win_rate_ci_low": win.ci_low,
                                       "win_rate_ci_high": win.ci_high, "wins": win.wins, "ties": win.ties,
                                       "losses": win.losses, "label_accuracy": acc,
-                                      "eval_seconds": time.time() - t})
+                                      "eval_seconds": outcome["eval_seconds"]})
         for k, a in enumerate(stage_acc, start=1):
             self.tracker.metrics(run_id, {"stage_label_accuracy": a}, step=k)
         self.tracker.artifact(run_id, final["model_path"], "adapter")
@@ -247,9 +344,13 @@ class Job:
         self.tracker.finish(run_id)
         self.say(f"[{name}] win rate {win.win_rate:.3f} [{win.ci_low:.3f}, {win.ci_high:.3f}]"
                  + (f", label accuracy {acc:.3f}" if acc is not None else ""))
-        return result
+        return self._result_from_state(state["result"])
 
     # -- pieces -------------------------------------------------------------------
+    def _add_time(self, key: str, seconds: float) -> None:
+        """Wall time of a part of the job (logged as ``seconds_*`` metrics of the job run)."""
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
     def _stage_inputs(self, method: MethodConfig, epsilon: float | None) -> dict[int, pd.DataFrame]:
         cfg = self.cfg
         out = {}
@@ -259,7 +360,7 @@ class Job:
                 out[k] = raw[["id", "prompt", "chosen", "rejected"]]
             else:
                 priv = privatize_partition(raw, job_dir=self.job_dir, seed=cfg.seed, epsilon=epsilon, stage=k,
-                                           stages=cfg.stages, secure=cfg.secure_randomness)
+                                           stages=cfg.stages, secure=cfg.secure_randomness, draw=self.may_draw)
                 if priv.reused:
                     log.info("reusing persisted RR labels %s", priv.path)
                 out[k] = priv.pairs
@@ -278,8 +379,10 @@ class Job:
 
         cfg = self.cfg
         tok = self.base_path if cfg.model.tokenizer is None else cfg.model.tokenizer
+        # Tokenized before the trainer reserves its workers' CPUs (trials running at once would
+        # otherwise hold every CPU while their datasets wait for one to tokenize).
         datasets = {k: to_training_dataset(p, tok, cfg.data.max_prompt_length, cfg.data.max_response_length)
-                    for k, p in pairs.items()}
+                    .materialize() for k, p in pairs.items()}
         loss = self._stage_loss(method, stages[0])
         flip = flip_probability(epsilon) if (epsilon is not None and loss == "robust") else None
         t = time.time()
@@ -288,6 +391,7 @@ class Job:
                          init_adapter=init_adapter, loss=loss, flip_rate=flip,
                          num_pairs=sum(len(p) for p in pairs.values()),
                          extra={"epsilon": epsilon, "total_pairs": self.data.num_pairs})
+        self._add_time(f"{name}:train", time.time() - t)
         self.say(f"[{name}] trained stage(s) {stages} in {time.time() - t:.1f}s")
         return [{"stage": c.stage, "path": c.path, "model_path": c.model_path,
                  "metrics": {k: v for k, v in c.metrics.items() if isinstance(v, (int, float, str, bool))}}
@@ -306,6 +410,7 @@ class Job:
                                   model_cfg=cfg.model, beta=cfg.train.beta, use_gpu=cfg.train.use_gpu)
         combined, comb = apply_combination(privatized, margins, epsilon, rule)
         combined.to_parquet(labels_path, index=False)  # derived from privatized labels only
+        self._add_time(f"{self._trial}:relabel", time.time() - t)
         info = {"disagreement": comb.disagreement, "model_error": comb.model_error,
                 "calibration_scale": comb.calibration_scale, "flipped_fraction": float(comb.flipped.mean()),
                 "relabel_seconds": time.time() - t}
@@ -314,7 +419,7 @@ class Job:
                  + f"{comb.flipped.mean():.1%} of labels flipped ({info['relabel_seconds']:.1f}s)")
         return combined, info
 
-    def _log_stage(self, trial_run: str, trial: str, k: int, ck: dict, info: dict, pairs: pd.DataFrame,
+    def _log_stage(self, trial_run: str, trial: str, k: int, ck: dict, info: dict, num_pairs: int,
                    method: MethodConfig) -> None:
         stage_run = self.tracker.run(f"{self.job_cfg.name}/{trial}/stage-{k}", f"{trial}/stage-{k}", parent=trial_run,
                                      tags={"props_ray.kind": "stage"})
@@ -322,7 +427,7 @@ class Job:
             return
         mech = {key: ck["metrics"][key] for key in ("noise_multiplier", "sample_rate", "steps")
                 if key in ck.get("metrics", {}) and method.method == "dpsgd"}
-        self.tracker.params(stage_run, {"stage": k, "pairs": len(pairs), "loss": self._stage_loss(method, k), **mech})
+        self.tracker.params(stage_run, {"stage": k, "pairs": num_pairs, "loss": self._stage_loss(method, k), **mech})
         path = Path(ck["path"]) / "metrics.jsonl"
         rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
         self.tracker.metric_history(stage_run, [r for r in rows if r.get("stage") == k], STAGE_METRIC_KEYS)
@@ -410,3 +515,18 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+
+
+def _execute_trial_task(job_cfg: dict, variant_cfg: dict, suffix: str, base_path: str, method: dict,
+                        epsilon: float | None) -> tuple[dict, dict]:
+    """A Ray task: one trial's training, relabels and evaluation (see :meth:`Job.execute_trial`).
+    It reads the persisted RR labels and reference generations; it never draws labels or logs to MLflow."""
+    from props_ray.ray_runtime import quiet_ray_libraries
+
+    quiet_ray_libraries()
+    job = Job(JobConfig.model_validate(job_cfg), progress=lambda m: print(m, flush=True))
+    job.cfg = JobConfig.model_validate(variant_cfg)
+    job.suffix, job.base_path, job.may_draw = suffix, base_path, False
+    job._load_data()
+    outcome = job.execute_trial(MethodConfig.model_validate(method), epsilon)
+    return outcome, job.timings

@@ -38,6 +38,11 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
         ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
                  configure_logging=True, logging_level=logging.WARNING)
         log.info("started a local Ray instance with %d logical CPUs", cpus)
+    quiet_ray_libraries()
+
+
+def quiet_ray_libraries() -> None:
+    """No Ray Data progress bars or info logs in this process (the driver, or a trial task)."""
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -14,6 +14,8 @@ labels are applied by :func:`apply_combination`.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import torch
@@ -26,9 +28,11 @@ from props_ray.privacy.label_combination import Combination, combine_labels
 
 
 class StageScorer:
-    def __init__(self, base_path: str, adapter_path: str, model_cfg: dict, beta: float, use_gpu: bool = False):
+    def __init__(self, base_path: str, adapter_path: str, model_cfg: dict, beta: float, use_gpu: bool = False,
+                 timing: bool = False):
         from props_ray.modeling import Reference, build_policy
 
+        self.timing, self.created = timing, time.time()
         torch.set_num_threads(1)
         cfg = ModelConfig.model_validate(model_cfg)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -36,26 +40,36 @@ class StageScorer:
                                    trainable=False).eval()
         self.reference = Reference.for_policy(self.policy, cfg, base_path, self.device)
         self.beta = beta
+        self.init_seconds = time.time() - self.created
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
+        start = time.time()
         tensors = {k: torch.as_tensor(batch[k], device=self.device) for k in PAIR_TENSORS}
         pol_c, pol_r = pair_logprobs(self.policy, tensors)
         ref_c, ref_r = self.reference.pair_logprobs(tensors)
         margin = self.beta * implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
-        return {"id": batch["id"], "margin": margin.float().cpu().numpy()}
+        out = {"id": batch["id"], "margin": margin.float().cpu().numpy()}
+        if self.timing:  # for the bench: when this actor started, took to load, and scored this batch
+            n = len(out["margin"])
+            out.update(actor_created=np.full(n, self.created), actor_init_seconds=np.full(n, self.init_seconds),
+                       batch_start=np.full(n, start), batch_end=np.full(n, time.time()))
+        return out
 
 
 def score_partition(tokenized, *, base_path: str, adapter_path: str, model_cfg: ModelConfig, beta: float,
-                    num_actors: int = 1, use_gpu: bool = False, batch_size: int = 128) -> pd.DataFrame:
-    """Margins {id, margin} of every pair of a tokenized Ray Dataset (which must keep ``id``)."""
+                    num_actors: int = 1, use_gpu: bool = False, batch_size: int = 128,
+                    timing: bool = False) -> pd.DataFrame:
+    """Margins {id, margin} of every pair of a tokenized Ray Dataset (which must keep ``id``);
+    ``timing`` adds each batch's timestamps (see :class:`StageScorer`)."""
     import ray.data
 
     scored = tokenized.map_batches(
         StageScorer, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         fn_constructor_kwargs={"base_path": base_path, "adapter_path": adapter_path,
-                               "model_cfg": model_cfg.model_dump(), "beta": beta, "use_gpu": use_gpu},
+                               "model_cfg": model_cfg.model_dump(), "beta": beta, "use_gpu": use_gpu,
+                               "timing": timing},
         num_gpus=1 if use_gpu else 0, num_cpus=1)
     return scored.to_pandas()
 

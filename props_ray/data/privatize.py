@@ -86,8 +86,12 @@ def read_privatized(path: Path) -> tuple[pd.DataFrame, dict]:
 
 
 def privatize_partition(partition: pd.DataFrame, *, job_dir: Path, seed: int, epsilon: float, stage: int,
-                        stages: int, secure: bool) -> PrivatizedPartition:
-    """RR labels for one stage partition: read back if persisted, else drawn once and written."""
+                        stages: int, secure: bool, draw: bool = True) -> PrivatizedPartition:
+    """RR labels for one stage partition: read back if persisted, else drawn once and written.
+
+    ``draw=False`` (trial tasks, which run after the driver drew every label) only reads: a
+    missing file is an error, never a fresh draw.
+    """
     path = privatized_path(job_dir, seed, epsilon, stage, stages)
     digest = ids_digest(partition["id"])
     if path.exists():
@@ -98,6 +102,9 @@ def privatize_partition(partition: pd.DataFrame, *, job_dir: Path, seed: int, ep
                 f"(epsilon {meta.get('epsilon')}, {meta.get('n')} pairs); refusing to redraw them, which would "
                 f"spend privacy again. Use a new job name, or remove that directory deliberately.")
         return PrivatizedPartition(df, path, epsilon, reused=True)
+    if not draw:
+        raise PrivatizedLabelsError(f"{path} is missing: the RR labels of stage {stage} at epsilon {epsilon} were "
+                                    f"not drawn before the trial started; refusing to draw them in a trial task")
     df = _draw(partition, epsilon, seed, stage, secure)
     meta = {"epsilon": epsilon, "flip_probability": flip_probability(epsilon), "seed": None if secure else seed,
             "secure": secure, "stage": stage, "n": len(df), "ids_sha256": digest}

@@ -18,7 +18,7 @@ PAIR_TENSORS = ("chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask",
                 "rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask")
 
 
-def _join(prompt: str, response: str) -> str:
+def join_response(prompt: str, response: str) -> str:
     """The response text as it continues the prompt (one separating space if neither has one)."""
     if not prompt or prompt[-1:].isspace() or response[:1].isspace():
         return response
@@ -39,7 +39,7 @@ def tokenize_pairs(tokenizer, prompts, chosen, rejected, max_prompt_length: int,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out: dict[str, np.ndarray] = {}
     for side, responses in (("chosen", chosen), ("rejected", rejected)):
-        texts = [_join(p, r) for p, r in zip(prompts, responses)]
+        texts = [join_response(p, r) for p, r in zip(prompts, responses)]
         resp_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         n = len(texts)
         input_ids = np.full((n, length), pad, dtype=np.int64)

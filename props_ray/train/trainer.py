@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from props_ray.config import JobConfig
@@ -15,6 +15,7 @@ class StageCheckpoint:
     stage: int
     path: str  # checkpoint directory: model/ (adapter or full model), train_state.pt, metrics.jsonl
     metrics: dict
+    epochs: list[dict] = field(default_factory=list)  # the reported metrics of every epoch of the stage
 
     @property
     def model_path(self) -> str:
@@ -57,9 +58,13 @@ def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages
     )
     result = trainer.fit()
     out: dict[int, StageCheckpoint] = {}
+    epochs: dict[int, list[dict]] = {}
     for ckpt, metrics in result.best_checkpoints:
+        epochs.setdefault(int(metrics["stage"]), []).append(dict(metrics))
         if metrics.get("stage_done"):
             out[int(metrics["stage"])] = StageCheckpoint(int(metrics["stage"]), ckpt.path, dict(metrics))
+    for k, ck in out.items():
+        ck.epochs = sorted(epochs[k], key=lambda m: m["epoch"])
     missing = [k for k in stages if k not in out]
     if missing:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint for stage(s) {missing}")

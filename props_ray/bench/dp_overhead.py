@@ -1,6 +1,7 @@
 """DP-SGD overhead: DP-SGD DPO step time and peak memory relative to a non-private DPO step.
 
-    .venv/bin/python benchmarks/dpsgd_overhead.py [--batch 32] [--steps 20] [--large-on-cpu]
+    props-ray bench --only dp_overhead          (part of the bench table)
+    python -m props_ray.bench.dp_overhead [--batch 32] [--steps 20] [--large-on-cpu]   (details)
 
 Both modes run the same training step as ``props_ray.train.loop`` on the same
 fixed batch of pairs: reference log-probs (LoRA disabled, no grad), policy
@@ -215,11 +216,29 @@ def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: i
 # --------------------------------------------------------------------------- driver
 
 def run_child(args, what: str, model: str, mode: str, batch: int, length: int, steps: int, warmup: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", what, model, mode, "--batch", str(batch),
+    """One measurement in a fresh subprocess (``args.threads`` torch threads)."""
+    cmd = [sys.executable, "-m", "props_ray.bench.dp_overhead", "--child", what, model, mode, "--batch", str(batch),
            "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads)]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(model: str = "tiny", batch: int = 32, length: int = 16, steps: int = 20, warmup: int = 3,
+            threads: int = 1) -> dict:
+    """Step-time and peak-memory ratios DP-SGD / non-private for one model (for ``props-ray bench``)."""
+    args = argparse.Namespace(threads=threads)
+    t = run_child(args, "time", model, "both", batch, length, steps, warmup)
+    mem = {m: run_child(args, "memory", model, m, batch, length, min(steps, 5), warmup) for m in ("nonprivate", "dpsgd")}
+    return {"model": model, "pairs_per_step": batch, "tokens_per_row": length, "timed_steps": steps,
+            "threads": threads, "device": mem["dpsgd"]["device"],
+            "nonprivate_step_ms": t["nonprivate"]["step_s"] * 1e3, "dpsgd_step_ms": t["dpsgd"]["step_s"] * 1e3,
+            "time_ratio": t["dpsgd"]["step_s"] / t["nonprivate"]["step_s"],
+            "median_per_step_ratio": t["per_step_ratio"],
+            "nonprivate_peak_delta_mib": mem["nonprivate"]["delta_mib"], "dpsgd_peak_delta_mib": mem["dpsgd"]["delta_mib"],
+            "memory_ratio": mem["dpsgd"]["delta_mib"] / max(mem["nonprivate"]["delta_mib"], 1e-9),
+            "total_memory_ratio": mem["dpsgd"]["peak_mib"] / mem["nonprivate"]["peak_mib"],
+            "raw": {"time": t, "memory": mem}}
 
 
 def report(model: str, batch: int, length: int, t: dict, mem: dict) -> None:

@@ -1,0 +1,84 @@
+"""Relabel throughput: the Ray Data actor-pool scorer against a plain single-process scoring loop.
+
+Both score the same tokenized pairs with the same stage model (the embedded
+reference plus a LoRA adapter), batch size and one torch thread, computing the
+DPO implicit reward margin that PROPS's relabel step uses. The Ray Data figure
+is per actor at steady state: pairs after the actor's first batch divided by
+the time from the end of that batch to the end of its last, so it includes
+Ray Data's hand-over between batches but not the actor's start-up, which is
+reported separately (from the ``map_batches`` call to the first batch).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from props_ray.config import JobConfig
+
+
+def _steady(starts: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> float:
+    """Pairs/s over the batches after the first, from their timestamps."""
+    order = np.argsort(starts)
+    starts, ends, sizes = starts[order], ends[order], sizes[order]
+    if len(starts) < 2:
+        raise ValueError("relabel throughput needs at least 2 batches per actor")
+    return float(sizes[1:].sum() / (ends[-1] - ends[0]))
+
+
+def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int = 128) -> dict:
+    from props_ray.data.tokenize_step import to_training_dataset
+    from props_ray.dpo.logprobs import pair_logprobs
+    from props_ray.dpo.losses import implicit_reward_margin
+    from props_ray.dpo.tokenize import PAIR_TENSORS
+    from props_ray.modeling import Reference, build_policy, save_policy
+    from props_ray.relabel import score_partition
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(cfg.seed)
+        adapter = f"{tmp}/adapter"
+        save_policy(build_policy(base_path, cfg.model), adapter)
+        ds = to_training_dataset(pairs, base_path, cfg.data.max_prompt_length, cfg.data.max_response_length,
+                                 keep_id=True).materialize()  # tokenization is not part of either figure
+
+        # -- Ray Data actor pool (one actor, as in the pipeline) -------------------------
+        t0 = time.time()
+        scored = score_partition(ds, base_path=base_path, adapter_path=adapter, model_cfg=cfg.model,
+                                 beta=cfg.train.beta, num_actors=1, batch_size=batch_size, timing=True)
+        wall = time.time() - t0
+        batches = scored.groupby("batch_start").agg(end=("batch_end", "first"), n=("id", "size")).reset_index()
+        ray_rate = _steady(batches["batch_start"].to_numpy(), batches["end"].to_numpy(), batches["n"].to_numpy())
+        first_batch = float(batches["batch_start"].min())
+
+        # -- plain loop, this process, same model, batch and thread count ---------------------
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            policy = build_policy(base_path, cfg.model, adapter_path=adapter, trainable=False).eval()
+            reference = Reference.for_policy(policy, cfg.model, base_path)
+            data = ds.to_pandas()
+            starts, ends, sizes, margins = [], [], [], []
+            with torch.no_grad():
+                for i in range(0, len(data), batch_size):
+                    chunk = data.iloc[i:i + batch_size]
+                    s = time.time()
+                    tensors = {k: torch.as_tensor(np.stack(chunk[k].to_numpy())) for k in PAIR_TENSORS}
+                    pol_c, pol_r = pair_logprobs(policy, tensors)
+                    ref_c, ref_r = reference.pair_logprobs(tensors)
+                    margins.append(cfg.train.beta * implicit_reward_margin(pol_c, pol_r, ref_c, ref_r))
+                    starts.append(s), ends.append(time.time()), sizes.append(len(chunk))
+            loop_rate = _steady(np.array(starts), np.array(ends), np.array(sizes))
+        finally:
+            torch.set_num_threads(threads)
+        # The two paths must agree on the scores, or the comparison is meaningless.
+        loop_margin = pd.Series(torch.cat(margins).numpy(), index=data["id"].to_numpy())
+        diff = float(np.abs(scored.set_index("id")["margin"] - loop_margin.reindex(scored["id"]).to_numpy()).max())
+    return {"pairs": len(pairs), "batch_size": batch_size, "ray_data_pairs_per_s": ray_rate,
+            "plain_loop_pairs_per_s": loop_rate, "ratio": ray_rate / loop_rate,
+            "actor_startup_s": first_batch - t0,
+            "actor_init_s": float(scored["actor_init_seconds"].iloc[0]), "ray_data_wall_s": wall,
+            "max_margin_difference": diff}

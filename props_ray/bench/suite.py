@@ -1,0 +1,176 @@
+"""``props-ray bench``: the benchmark suite, its table and its JSON.
+
+Every comparison is a ratio of two figures measured in this run on this
+machine. Goals are printed next to the ratios; nothing here passes or fails
+on a timing.
+
+- ``demo``: a job end to end with its breakdown (:mod:`props_ray.bench.demo`);
+- ``throughput``: non-private DPO pairs/s, props-ray's Ray Train loop vs TRL
+  (:mod:`props_ray.bench.throughput`);
+- ``dp_overhead``: DP-SGD step time and peak memory over non-private
+  (:mod:`props_ray.bench.dp_overhead`);
+- ``relabel``: Ray Data actor-pool scoring vs a plain loop (:mod:`props_ray.bench.relabel`).
+
+``--quick`` shrinks every section (a reduced demo, fewer pairs and steps) to
+finish in a few minutes on a 2-core CPU; the full suite runs ``jobs/demo.yaml``
+as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+SECTIONS = ("demo", "throughput", "dp_overhead", "relabel")
+GOALS = {"throughput": (">=", 1.2), "dp_time": ("<=", 1.10), "dp_memory": ("<=", 1.3), "relabel": (">=", 0.9),
+         "demo_s": ("<=", 180.0)}
+
+# The sizes of each section: (quick, full).
+SIZES = {
+    "demo_overrides": (["data.num_pairs=900", "data.eval_prompts=64"], []),
+    "throughput_pairs": (512, 2048), "throughput_epochs": (2, 3),
+    "dp_steps": (8, 30), "relabel_pairs": (1024, 4096),
+}
+
+
+def _size(key: str, quick: bool):
+    return SIZES[key][0 if quick else 1]
+
+
+def verdict(kind: str, value: float) -> str:
+    op, goal = GOALS[kind]
+    ok = value >= goal if op == ">=" else value <= goal
+    return f"goal {op} {goal:g}: {'meets' if ok else 'MISSES'}"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"date": date.today().isoformat(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "jobs/demo.yaml",
+              json_path: str | None = None, say=print) -> dict:
+    from props_ray.bench.throughput import bench_job, bench_pairs
+    from props_ray.reference import resolve_reference
+
+    out_dir = Path(output_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict = {"quick": quick, "machine": machine(), "sections": {}}
+    t_all = time.time()
+
+    if "demo" in sections:  # first: it starts Ray itself, so its breakdown includes Ray's start
+        from props_ray.bench import demo
+
+        say(f"[bench] demo: {job}" + (" (reduced for --quick)" if quick else ""))
+        report["sections"]["demo"] = demo.measure(job, str(out_dir / "demo"), _size("demo_overrides", quick),
+                                                  say=lambda m: say(f"  {m}"))
+
+    need_ray = {"throughput", "relabel"} & set(sections)
+    cfg = bench_job(str(out_dir / "train"), _size("throughput_pairs", quick), 32, _size("throughput_epochs", quick),
+                    num_workers=2, cpus_per_worker=1)
+    base = resolve_reference(cfg) if need_ray else None
+    if need_ray:
+        from props_ray.ray_runtime import ensure_ray
+
+        ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
+
+    if "throughput" in sections:
+        from props_ray.bench import throughput
+
+        pairs = bench_pairs(cfg)
+        say(f"[bench] throughput: {len(pairs)} pairs, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs")
+        sec = {"props_ray": throughput.props_ray_throughput(cfg, base, pairs)}
+        version = throughput.trl_available()
+        if version is None:
+            sec["trl"] = {"missing": "TRL is not installed: pip install -c constraints.txt -e '.[bench]'"}
+            say("  TRL is not installed (the 'bench' extra); the comparison is skipped")
+        else:
+            threads = int(cfg.train.num_workers * cfg.train.cpus_per_worker)
+            sec["trl"] = {"version": version, **throughput.trl_throughput(cfg, base, pairs, threads)}
+            sec["ratio"] = sec["props_ray"]["pairs_per_s"] / sec["trl"]["pairs_per_s"]
+        report["sections"]["throughput"] = sec
+
+    if "dp_overhead" in sections:
+        from props_ray.bench import dp_overhead
+
+        say("[bench] DP-SGD overhead: tiny model, 32 pairs x 16 tokens, 1 thread")
+        report["sections"]["dp_overhead"] = dp_overhead.measure("tiny", 32, 16, _size("dp_steps", quick), 2, 1)
+
+    if "relabel" in sections:
+        from props_ray.bench import relabel
+        from props_ray.reference import embedded_task
+
+        n = _size("relabel_pairs", quick)
+        pairs = embedded_task(cfg).preference_pairs(n, cfg.seed + 1)
+        say(f"[bench] relabel: {n} pairs, batch 128, one actor vs a plain loop")
+        report["sections"]["relabel"] = relabel.measure(cfg, base, pairs)
+
+    report["bench_seconds"] = time.time() - t_all
+    print(format_report(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1, default=str))
+        say(f"[bench] wrote {json_path}")
+    return report
+
+
+def format_report(report: dict) -> str:
+    s = report["sections"]
+    m = report["machine"]
+    lines = [f"\nprops-ray bench{' --quick' if report['quick'] else ''}: {m['date']}, {m['cpus']} CPUs, "
+             f"torch {m['torch']}, {m['cuda'] or 'no GPU'}", ""]
+    rows = []
+    if "throughput" in s:
+        t = s["throughput"]
+        p = t["props_ray"]
+        if "ratio" in t:
+            rows.append(["DPO training throughput (pairs/s)", f"{p['pairs_per_s']:.1f}",
+                         f"TRL {t['trl']['version']}: {t['trl']['pairs_per_s']:.1f}", f"{t['ratio']:.2f}x",
+                         verdict("throughput", t["ratio"])])
+        else:
+            rows.append(["DPO training throughput (pairs/s)", f"{p['pairs_per_s']:.1f}", "TRL not installed", "-",
+                         "skipped"])
+    if "dp_overhead" in s:
+        d = s["dp_overhead"]
+        rows.append(["DP-SGD step time (ms)", f"{d['dpsgd_step_ms']:.1f}", f"non-private {d['nonprivate_step_ms']:.1f}",
+                     f"{d['time_ratio']:.2f}x", verdict("dp_time", d["time_ratio"])])
+        rows.append(["DP-SGD peak memory above start (MiB)", f"{d['dpsgd_peak_delta_mib']:.1f}",
+                     f"non-private {d['nonprivate_peak_delta_mib']:.1f}", f"{d['memory_ratio']:.2f}x",
+                     verdict("dp_memory", d["memory_ratio"])])
+    if "relabel" in s:
+        r = s["relabel"]
+        rows.append(["Relabel throughput (pairs/s per actor)", f"{r['ray_data_pairs_per_s']:.0f}",
+                     f"plain loop {r['plain_loop_pairs_per_s']:.0f}", f"{r['ratio']:.2f}x", verdict("relabel", r["ratio"])])
+    if "demo" in s:
+        d = s["demo"]
+        rows.append([f"Demo wall time (s){' (reduced)' if report['quick'] else ''}", f"{d['wall_s']:.0f}", "-", "-",
+                     verdict("demo_s", d["wall_s"]) if not report["quick"] else "goal applies to the full demo"])
+    head = ["measure", "props-ray", "baseline", "ratio", "goal"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+    if "throughput" in s:
+        p = s["throughput"]["props_ray"]
+        lines.append(f"\nthroughput: props-ray {p['workers']} Ray Train workers x {p['threads_per_worker']} thread(s), "
+                     f"steady state over {p['timed_epochs']} epoch(s) after a {p['warmup_epoch_seconds']:.1f}s warm-up "
+                     f"epoch; the whole Ray Train run took {p['run_seconds']:.1f}s")
+    if "relabel" in s:
+        r = s["relabel"]
+        lines.append(f"relabel: actor start-up {r['actor_startup_s']:.1f}s (model load {r['actor_init_s']:.1f}s), "
+                     f"{r['pairs']} pairs in {r['ray_data_wall_s']:.1f}s through Ray Data; "
+                     f"scores agree to {r['max_margin_difference']:.1e}")
+    if "demo" in s:
+        d = s["demo"]
+        lines.append(f"demo breakdown ({d['job']}{' ' + ' '.join(d['overrides']) if d['overrides'] else ''}): "
+                     + ", ".join(f"{k} {v:.1f}s" for k, v in d["parts"].items()))
+        for name, t in d["trials"].items():
+            lines.append(f"  {name}: {t['total']:.1f}s = train {t['train']:.1f} + relabel {t['relabel']:.1f} "
+                         f"+ eval {t['eval']:.1f} + other {t['other']:.1f}")
+    lines.append(f"\nbench took {report['bench_seconds']:.0f}s")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Non-private DPO training throughput: props-ray's Ray Train loop against TRL's ``DPOTrainer``.
+
+Both train the same model (the embedded reference with a fresh LoRA adapter on
+the same modules), on the same pairs, with the same global batch, sequence
+lengths, number of steps, optimizer (AdamW, same learning rate), ``sigmoid``
+loss and beta; both compute the reference log-probs with the adapters disabled,
+every step. The figure is pairs per second at steady state: the first epoch
+is warm-up (worker start, first data pass, allocator), the later epochs are
+timed, the time of the training loop only (not checkpoints, which TRL is
+told not to write).
+
+props-ray runs as users run it: ``num_workers`` Ray Train workers (DDP, gloo
+on CPU) with ``cpus_per_worker`` threads each. TRL runs in one process with
+the same total number of threads. TRL is installed only by the ``bench``
+extra; without it the comparison says so and is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+
+from props_ray.config import JobConfig
+from props_ray.modeling import LORA_TARGETS
+
+
+def bench_job(output_dir: str, pairs: int, batch_size: int, epochs: int, num_workers: int,
+              cpus_per_worker: float, method: str = "nonprivate", **train) -> JobConfig:
+    """The bench's job: the embedded task and model, one stage, no tracking server needed."""
+    return JobConfig.model_validate({
+        "name": "bench", "seed": 0, "stages": 1, "output_dir": output_dir,
+        "data": {"source": "embedded", "num_pairs": pairs, "eval_prompts": 16},
+        "train": {"num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "batch_size": batch_size,
+                  "epochs": epochs, "lr": 0.002, "beta": 0.1, "log_every": 10_000, **train},
+        "methods": [{"method": method}],
+        # TRL cannot put a LoRA adapter on lm_head (it reads lm_head.weight directly), so both sides
+        # adapt the attention and MLP projections only.
+        "model": {"lora": {"target_modules": LORA_TARGETS["gpt_neox"]}},
+        "tracking": {"tracking_uri": f"sqlite:///{output_dir}/bench-mlflow.db"},
+    })
+
+
+def bench_pairs(cfg: JobConfig) -> pd.DataFrame:
+    from props_ray.reference import embedded_task
+
+    return embedded_task(cfg).preference_pairs(cfg.data.num_pairs, cfg.seed)[["id", "prompt", "chosen", "rejected"]]
+
+
+def steady_state(epochs: list[dict], pairs: int) -> dict:
+    """Pairs/s over the epochs after the first (rank 0's loop time per epoch)."""
+    timed = [e for e in epochs if e["epoch"] >= 1]
+    if not timed:
+        raise ValueError("throughput needs at least 2 epochs (the first is warm-up)")
+    seconds = sum(e["epoch_seconds"] for e in timed)
+    return {"pairs_per_s": pairs * len(timed) / seconds, "timed_epochs": len(timed), "timed_seconds": seconds,
+            "warmup_epoch_seconds": next(e["epoch_seconds"] for e in epochs if e["epoch"] == 0)}
+
+
+def props_ray_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame) -> dict:
+    """Train one stage through :func:`props_ray.train.trainer.fit_stages` (a real TorchTrainer)."""
+    from props_ray.data.tokenize_step import to_training_dataset
+    from props_ray.train.trainer import fit_stages
+
+    t = time.time()
+    ds = to_training_dataset(pairs, base_path, cfg.data.max_prompt_length, cfg.data.max_response_length)
+    ck = fit_stages(cfg, run_name=f"bench-throughput-{int(t)}", trial="bench", method="nonprivate", stages=[1],
+                    datasets={1: ds}, base_path=base_path, init_adapter=None, loss="sigmoid", flip_rate=None,
+                    num_pairs=len(pairs))[0]
+    out = steady_state(ck.epochs, len(pairs))
+    out.update(run_seconds=time.time() - t, workers=cfg.train.num_workers,
+               threads_per_worker=int(cfg.train.cpus_per_worker))
+    return out
+
+
+def _as_completions(pairs: pd.DataFrame) -> pd.DataFrame:
+    """TRL appends the completion text to the prompt text as is: give it the response as props-ray's
+    tokenizer joins it (one separating space), so both train on the same token sequences."""
+    from props_ray.dpo.tokenize import join_response
+
+    return pd.DataFrame({"prompt": pairs["prompt"],
+                         "chosen": [join_response(p, r) for p, r in zip(pairs["prompt"], pairs["chosen"])],
+                         "rejected": [join_response(p, r) for p, r in zip(pairs["prompt"], pairs["rejected"])]})
+
+
+def trl_available() -> str | None:
+    """TRL's version, or None when the ``bench`` extra is not installed."""
+    try:
+        import trl
+    except ImportError:
+        return None
+    return trl.__version__
+
+
+def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads: int) -> dict:
+    """The same training with TRL's DPOTrainer in this process, ``threads`` torch threads."""
+    import tempfile
+
+    import datasets
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from props_ray.modeling import load_base_model, load_tokenizer, lora_targets
+
+    class EpochTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, args, state, control, **kw):
+            self.seconds.append(time.perf_counter() - self.t)
+
+    datasets.disable_progress_bars()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        model = load_base_model(base_path, cfg.model)
+        tok = load_tokenizer(base_path)
+        lora = LoraConfig(r=cfg.model.lora.r, lora_alpha=cfg.model.lora.alpha, lora_dropout=cfg.model.lora.dropout,
+                          target_modules=lora_targets(model, cfg.model), task_type="CAUSAL_LM")
+        timer = EpochTimer()
+        with tempfile.TemporaryDirectory() as out:
+            args = DPOConfig(
+                output_dir=out, per_device_train_batch_size=cfg.train.batch_size, num_train_epochs=cfg.train.epochs,
+                learning_rate=cfg.train.lr, lr_scheduler_type="constant", warmup_steps=0,
+                weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm or 0.0,
+                beta=cfg.train.beta, loss_type=["sigmoid"],
+                max_length=cfg.data.max_prompt_length + cfg.data.max_response_length,
+                use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
+                logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed)
+            trainer = DPOTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
+                                 train_dataset=Dataset.from_pandas(_as_completions(pairs), preserve_index=False),
+                                 callbacks=[timer])
+            trainer.train()
+    finally:
+        torch.set_num_threads(old_threads)
+    epochs = [{"epoch": i, "epoch_seconds": s} for i, s in enumerate(timer.seconds)]
+    out = steady_state(epochs, len(pairs))
+    out.update(threads=threads)
+    return out

@@ -1,0 +1,64 @@
+"""`props-ray bench --quick` end to end (CI prints its figures; timings are never pass/fail), and the
+arithmetic its figures rest on."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from props_ray.bench.relabel import _steady
+from props_ray.bench.throughput import steady_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_steady_state_skips_the_warmup_epoch():
+    epochs = [{"epoch": 0, "epoch_seconds": 10.0}, {"epoch": 1, "epoch_seconds": 2.0},
+              {"epoch": 2, "epoch_seconds": 3.0}]
+    out = steady_state(epochs, pairs=100)
+    assert out["pairs_per_s"] == pytest.approx(200 / 5.0)
+    assert out["warmup_epoch_seconds"] == 10.0 and out["timed_epochs"] == 2
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        steady_state(epochs[:1], pairs=100)
+
+
+def test_relabel_steady_rate_excludes_the_first_batch():
+    starts = np.array([5.0, 0.0, 2.0])  # out of order, as Ray Data may return them
+    ends = np.array([6.0, 1.0, 3.0])
+    sizes = np.array([10, 10, 30])  # sizes by batch: the first batch (start 0) is 10 pairs
+    assert _steady(starts, ends, sizes) == pytest.approx((30 + 10) / (6.0 - 1.0))
+
+
+def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "props_ray.cli", "bench", "--quick", "--json", str(out),
+                           "--output-dir", str(tmp_path / "bench")], cwd=REPO, capture_output=True, text=True,
+                          timeout=1800)
+    table = proc.stdout[proc.stdout.find("props-ray bench"):]
+    with capsys.disabled():  # the figures go to the CI log
+        print("\n" + table)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    s = report["sections"]
+    assert set(s) == {"demo", "throughput", "dp_overhead", "relabel"}
+
+    assert s["throughput"]["props_ray"]["pairs_per_s"] > 0
+    if "missing" in s["throughput"]["trl"]:
+        assert "TRL is not installed" in proc.stdout
+    else:
+        assert s["throughput"]["ratio"] == pytest.approx(
+            s["throughput"]["props_ray"]["pairs_per_s"] / s["throughput"]["trl"]["pairs_per_s"])
+    d = s["dp_overhead"]
+    assert d["dpsgd_step_ms"] > 0 and d["nonprivate_step_ms"] > 0 and d["memory_ratio"] > 0
+    r = s["relabel"]
+    assert r["max_margin_difference"] < 1e-5  # both paths computed the same scores
+    assert r["ray_data_pairs_per_s"] > 0 and r["plain_loop_pairs_per_s"] > 0 and r["actor_startup_s"] > 0
+    demo = s["demo"]
+    assert set(demo["trials"]) == {"nonprivate", "rr-eps0.5", "props-mle-eps0.5", "dpsgd-eps0.5"}
+    assert demo["trials"]["props-mle-eps0.5"]["relabel"] > 0 and demo["trials"]["rr-eps0.5"]["relabel"] == 0
+    assert all(0.0 <= v["win_rate"] <= 1.0 for v in demo["results"].values())
+    for line in ("DPO training throughput", "DP-SGD step time", "Relabel throughput", "Demo wall time"):
+        assert line in table

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``props-ray bench`` (see :mod:`props_ray.bench.suite`)."""

@@ -56,7 +56,7 @@ def cmd_bench(args) -> int:
     from props_ray.bench.suite import SECTIONS, run_bench
 
     sections = args.only or list(SECTIONS)
-    run_bench(args.quick, sections, args.output_dir, job=args.job, json_path=args.json)
+    run_bench(args.quick, sections, args.output_dir, job=args.job, json_path=args.json, overrides=args.overrides)
     return 0
 
 
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="PATH", help="also write every figure to PATH as JSON")
     p.add_argument("--only", nargs="+", choices=["demo", "throughput", "dp_overhead", "relabel"], default=None)
     p.add_argument("--job", default="jobs/demo.yaml", help="the job the demo section runs (default jobs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a field of the demo section's job (repeatable)")
     p.add_argument("--output-dir", default="runs/bench", help="where the bench's jobs write (default runs/bench)")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("ui", help="open the MLflow UI on the job's tracking store")

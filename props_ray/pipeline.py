@@ -71,6 +71,7 @@ class Job:
         self.job_dir = cfg.job_dir.resolve()
         self.timings: dict[str, float] = {}
         self.may_draw = True  # only the driver draws RR labels; trial tasks read them back
+        self.in_task = False  # True in a trial running as a Ray task, beside other trials
 
     # -- the whole job ----------------------------------------------------------
     def run(self) -> list[TrialResult]:
@@ -169,7 +170,8 @@ class Job:
         self.say(f"running {len(trials)} trials, up to {limit} at a time")
         execute = ray.remote(num_cpus=0, max_retries=0)(_execute_trial_task)
         results: dict[int, TrialResult] = {}
-        todo = list(enumerate(trials))
+        # PROPS trials are the longest (a training run per stage, relabels between): start them first.
+        todo = sorted(enumerate(trials), key=lambda it: it[1][0].method != "props")
         running: dict = {}
         while todo or running:
             while todo and len(running) < limit:
@@ -379,10 +381,11 @@ class Job:
 
         cfg = self.cfg
         tok = self.base_path if cfg.model.tokenizer is None else cfg.model.tokenizer
-        # Tokenized before the trainer reserves its workers' CPUs (trials running at once would
-        # otherwise hold every CPU while their datasets wait for one to tokenize).
         datasets = {k: to_training_dataset(p, tok, cfg.data.max_prompt_length, cfg.data.max_response_length)
-                    .materialize() for k, p in pairs.items()}
+                    for k, p in pairs.items()}
+        if self.in_task:  # trials running at once: tokenize before the trainer reserves its workers' CPUs,
+            # or every trainer could hold CPUs while its datasets wait for one to tokenize
+            datasets = {k: ds.materialize() for k, ds in datasets.items()}
         loss = self._stage_loss(method, stages[0])
         flip = flip_probability(epsilon) if (epsilon is not None and loss == "robust") else None
         t = time.time()
@@ -526,7 +529,7 @@ def _execute_trial_task(job_cfg: dict, variant_cfg: dict, suffix: str, base_path
     quiet_ray_libraries()
     job = Job(JobConfig.model_validate(job_cfg), progress=lambda m: print(m, flush=True))
     job.cfg = JobConfig.model_validate(variant_cfg)
-    job.suffix, job.base_path, job.may_draw = suffix, base_path, False
+    job.suffix, job.base_path, job.may_draw, job.in_task = suffix, base_path, False, True
     job._load_data()
     outcome = job.execute_trial(MethodConfig.model_validate(method), epsilon)
     return outcome, job.timings

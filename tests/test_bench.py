@@ -57,8 +57,8 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     assert r["max_margin_difference"] < 1e-5  # both paths computed the same scores
     assert r["ray_data_pairs_per_s"] > 0 and r["plain_loop_pairs_per_s"] > 0 and r["actor_startup_s"] > 0
     demo = s["demo"]
-    assert set(demo["trials"]) == {"nonprivate", "rr-eps0.5", "props-mle-eps0.5", "dpsgd-eps0.5"}
-    assert demo["trials"]["props-mle-eps0.5"]["relabel"] > 0 and demo["trials"]["rr-eps0.5"]["relabel"] == 0
+    assert set(demo["trials"]) == {"props-mle-eps0.5"}  # --quick: PROPS alone, K = 2
+    assert demo["trials"]["props-mle-eps0.5"]["relabel"] > 0 and demo["trials"]["props-mle-eps0.5"]["train"] > 0
     assert all(0.0 <= v["win_rate"] <= 1.0 for v in demo["results"].values())
     for line in ("DPO training throughput", "DP-SGD step time", "Relabel throughput", "Demo wall time"):
         assert line in table

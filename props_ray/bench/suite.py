@@ -31,7 +31,8 @@ GOALS = {"throughput": (">=", 1.2), "dp_time": ("<=", 1.10), "dp_memory": ("<=",
 
 # The sizes of each section: (quick, full).
 SIZES = {
-    "demo_overrides": (["data.num_pairs=900", "data.eval_prompts=64"], []),
+    # --quick: PROPS alone with K = 2 (two training runs and a relabel), fewer pairs and prompts.
+    "demo_overrides": (["data.num_pairs=900", "data.eval_prompts=64", "stages=2", "methods=[{method: props}]"], []),
     "throughput_pairs": (512, 2048), "throughput_epochs": (2, 3),
     "dp_steps": (8, 30), "relabel_pairs": (1024, 4096),
 }
@@ -56,7 +57,7 @@ def machine() -> dict:
 
 
 def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "jobs/demo.yaml",
-              json_path: str | None = None, say=print) -> dict:
+              json_path: str | None = None, overrides: list[str] | None = None, say=print) -> dict:
     from props_ray.bench.throughput import bench_job, bench_pairs
     from props_ray.reference import resolve_reference
 
@@ -69,7 +70,8 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
         from props_ray.bench import demo
 
         say(f"[bench] demo: {job}" + (" (reduced for --quick)" if quick else ""))
-        report["sections"]["demo"] = demo.measure(job, str(out_dir / "demo"), _size("demo_overrides", quick),
+        report["sections"]["demo"] = demo.measure(job, str(out_dir / "demo"),
+                                                  [*_size("demo_overrides", quick), *(overrides or [])],
                                                   say=lambda m: say(f"  {m}"))
 
     need_ray = {"throughput", "relabel"} & set(sections)

@@ -1,6 +1,6 @@
 """Relabel throughput: the Ray Data actor-pool scorer against a plain single-process scoring loop.
 
-Both score the same tokenized pairs with the same stage model (the embedded
+Both run the same ``StageScorer`` on the same tokenized pairs, with the same stage model (the embedded
 reference plus a LoRA adapter), batch size and one torch thread, computing the
 DPO implicit reward margin that PROPS's relabel step uses. The Ray Data figure
 is per actor at steady state: pairs after the actor's first batch divided by
@@ -32,11 +32,9 @@ def _steady(starts: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> float:
 
 def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int = 128) -> dict:
     from props_ray.data.tokenize_step import to_training_dataset
-    from props_ray.dpo.logprobs import pair_logprobs
-    from props_ray.dpo.losses import implicit_reward_margin
     from props_ray.dpo.tokenize import PAIR_TENSORS
-    from props_ray.modeling import Reference, build_policy, save_policy
-    from props_ray.relabel import score_partition
+    from props_ray.modeling import build_policy, save_policy
+    from props_ray.relabel import StageScorer, score_partition
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(cfg.seed)
@@ -54,28 +52,23 @@ def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int
         ray_rate = _steady(batches["batch_start"].to_numpy(), batches["end"].to_numpy(), batches["n"].to_numpy())
         first_batch = float(batches["batch_start"].min())
 
-        # -- plain loop, this process, same model, batch and thread count ---------------------
+        # -- plain loop, this process: the same StageScorer called directly on the same batches ------
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
-            policy = build_policy(base_path, cfg.model, adapter_path=adapter, trainable=False).eval()
-            reference = Reference.for_policy(policy, cfg.model, base_path)
+            scorer = StageScorer(base_path, adapter, cfg.model.model_dump(), cfg.train.beta)  # sets 1 thread
             data = ds.to_pandas()
             starts, ends, sizes, margins = [], [], [], []
-            with torch.no_grad():
-                for i in range(0, len(data), batch_size):
-                    chunk = data.iloc[i:i + batch_size]
-                    s = time.time()
-                    tensors = {k: torch.as_tensor(np.stack(chunk[k].to_numpy())) for k in PAIR_TENSORS}
-                    pol_c, pol_r = pair_logprobs(policy, tensors)
-                    ref_c, ref_r = reference.pair_logprobs(tensors)
-                    margins.append(cfg.train.beta * implicit_reward_margin(pol_c, pol_r, ref_c, ref_r))
-                    starts.append(s), ends.append(time.time()), sizes.append(len(chunk))
+            for i in range(0, len(data), batch_size):
+                chunk = data.iloc[i:i + batch_size]
+                s = time.time()
+                batch = {"id": chunk["id"].to_numpy(), **{k: np.stack(chunk[k].to_numpy()) for k in PAIR_TENSORS}}
+                margins.append(scorer(batch)["margin"])
+                starts.append(s), ends.append(time.time()), sizes.append(len(chunk))
             loop_rate = _steady(np.array(starts), np.array(ends), np.array(sizes))
         finally:
             torch.set_num_threads(threads)
         # The two paths must agree on the scores, or the comparison is meaningless.
-        loop_margin = pd.Series(torch.cat(margins).numpy(), index=data["id"].to_numpy())
+        loop_margin = pd.Series(np.concatenate(margins), index=data["id"].to_numpy())
         diff = float(np.abs(scored.set_index("id")["margin"] - loop_margin.reindex(scored["id"]).to_numpy()).max())
     return {"pairs": len(pairs), "batch_size": batch_size, "ray_data_pairs_per_s": ray_rate,
             "plain_loop_pairs_per_s": loop_rate, "ratio": ray_rate / loop_rate,

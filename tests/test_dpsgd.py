@@ -164,15 +164,61 @@ def test_per_pair_clipped_sum_matches_torch_func(kind):
         assert all(p.grad is None and p.grad_sample is None for p in optimizer.params)
     assert (pair_norms > small_c).sum() >= 3  # the second round really clipped
 
-    # Control: clipping the chosen and the rejected row of a pair separately must NOT match.
+    # The samples really are per pair: B of them for the 2B-row forward.
     optimizer.zero_grad()
     dpo_per_pair(model, reference, batch).sum().backward()
-    rows = {names[id(p)]: p.grad_sample.detach().clone() for p in optimizer.params}  # 2B rows, unfolded
+    assert {p.grad_sample.shape[0] for p in optimizer.params} == {6}
     optimizer.zero_grad()
+
+    # Control: clipping the chosen and the rejected row of a pair separately must NOT match. Per-row
+    # samples from stock Opacus on an identical policy (same seed).
+    from opacus import GradSampleModule
+
+    row_policy = tiny_lora(kind, seed=1, dtype=torch.float64)
+    assert all(torch.equal(p, trainable(policy)[n]) for n, p in trainable(row_policy).items())
+    row_model = GradSampleModule(row_policy, batch_first=True, loss_reduction="sum")
+    dpo_per_pair(row_model, Reference(row_policy), batch).sum().backward()
+    row_names = {id(p): n for n, p in trainable(row_policy).items()}
+    rows = {row_names[id(p)]: p.grad_sample.detach().clone() for p in trainable(row_policy).values()}
+    assert {g.shape[0] for g in rows.values()} == {12}  # 2B rows, unfolded
     unclipped_rows, _ = clipped_sum(rows, 1e12)
     assert rel_diff(unclipped_rows, clipped_sum(per_pair, 1e12)[0]) < 1e-6  # same gradient, before clipping
     per_row, _ = clipped_sum(rows, small_c)
     assert rel_diff(per_row, clipped_sum(per_pair, small_c)[0]) > 1e-2
+
+
+def test_per_pair_samples_of_every_layer_type_match_torch_func():
+    """Linear layers (with bias) take the direct per-pair path; embeddings and layer norms take
+    Opacus's per-row samplers folded in the hook. Both against vmap(grad) over pairs."""
+    from props_ray.dpsgd.grad_sample import PairGradSampleModule
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 5),
+                              torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    b, t = 5, 4
+    ids = torch.randint(0, 11, (2 * b, t))  # rows 0..b-1 chosen, b..2b-1 rejected
+
+    def pair_loss(params, chosen, rejected):
+        rows = functional_call(net, params, (torch.stack([chosen, rejected]),)).sum(dim=(1, 2))
+        return torch.nn.functional.logsigmoid(rows[0] - rows[1]).neg()
+
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    want = vmap(grad(pair_loss), in_dims=(None, 0, 0))(params, ids[:b], ids[b:])
+
+    model = PairGradSampleModule(net)
+    rows = model(ids).sum(dim=(1, 2))
+    torch.nn.functional.logsigmoid(rows[:b] - rows[b:]).neg().sum().backward()
+    for n, p in net.named_parameters():
+        assert p.grad_sample.shape == (b, *p.shape), n
+        assert torch.allclose(p.grad_sample, want[n], atol=1e-10), n
+
+
+def test_per_pair_samples_refuse_an_odd_number_of_rows():
+    from props_ray.dpsgd.grad_sample import PairGradSampleModule
+
+    model = PairGradSampleModule(torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="even number of rows"):
+        model(torch.randn(3, 3)).sum().backward()
 
 
 def test_clip_factor_is_exact_min_one_c_over_norm():

@@ -3,14 +3,20 @@
 The privacy unit is one preference pair: prompt, both responses and the label.
 :func:`props_ray.dpo.logprobs.pair_logprobs` runs a batch of B pairs as ONE
 forward of 2B rows (rows 0..B-1 the chosen sequences, rows B..2B-1 the rejected
-ones), so Opacus's hooks produce per-*row* gradient samples with 2B rows. Rows
-never interact in a causal LM forward (no batch norm, attention is within a
-row), and the per-pair loss depends on row i and row B+i only, so the gradient
-of pair i's loss is exactly ``grad_sample[i] + grad_sample[B + i]``.
+ones). Rows never interact in a causal LM forward (no batch norm, attention is
+within a row), and the per-pair loss depends on row i and row B+i only, so the
+gradient of pair i's loss is exactly the sum of the per-row gradients of rows i
+and B+i.
 
-:func:`fold_pair_rows` does that folding; the optimizer then clips each pair's
-*whole* gradient (all parameters, both rows) to norm C once. Clipping the two
-rows separately would let one pair contribute up to 2C and double the
+:class:`PairGradSampleModule` computes those per-pair samples directly in
+Opacus's backward hooks: for a linear layer, pair i's weight gradient is
+``sum_t g[i,t] a[i,t]^T + sum_t g[B+i,t] a[B+i,t]^T``, two batched products
+over contiguous halves of the rows, so no [2B, ...] per-row tensor is ever
+allocated (half the per-sample memory of folding afterwards, and no fold pass).
+Other module types fall back to Opacus's own sampler on the 2B rows, folded
+with :func:`fold_pair_rows` inside the hook. The optimizer then clips each
+pair's *whole* gradient (all parameters, both rows) to norm C once. Clipping the
+two rows separately would let one pair contribute up to 2C and double the
 sensitivity the noise is calibrated for.
 """
 
@@ -21,16 +27,40 @@ from opacus import GradSampleModule
 
 
 class PairGradSampleModule(GradSampleModule):
-    """Opacus ``GradSampleModule`` (hooks mode, summed loss) around the policy.
+    """Opacus ``GradSampleModule`` (hooks mode, summed loss) whose samples are per *pair*.
 
+    ``p.grad_sample`` has B rows for a forward of 2B rows (chosen rows first).
     ``loss_reduction='sum'``: the engine back-propagates the *sum* of per-pair
-    losses, so the per-row samples need no rescaling (Opacus's 'mean' would
-    multiply them by the number of rows, 2B). ``.module`` is the wrapped policy
-    (what ``save_policy`` and ``Reference`` use).
+    losses, so the samples need no rescaling (Opacus's 'mean' would multiply them
+    by the number of rows). ``.module`` is the wrapped policy (what
+    ``save_policy`` and ``Reference`` use).
     """
 
     def __init__(self, module: torch.nn.Module, strict: bool = True):
         super().__init__(module, batch_first=True, loss_reduction="sum", strict=strict)
+        # Per instance: Opacus's class-level table stays untouched for anyone else using it.
+        self.GRAD_SAMPLERS = {t: _per_pair(fn) for t, fn in GradSampleModule.GRAD_SAMPLERS.items()}
+        self.GRAD_SAMPLERS[torch.nn.Linear] = pair_linear_grad_sample
+        for name, m in self._module.named_modules():
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if own and type(m) not in self.GRAD_SAMPLERS:
+                raise NotImplementedError(f"DP-SGD: no per-pair gradient sampler for trainable module {name!r} "
+                                          f"({type(m).__name__}); train LoRA adapters or supported layers")
+
+    def rearrange_grad_samples(self, *, module, backprops, loss_reduction, batch_first):
+        activations, backprops = super().rearrange_grad_samples(module=module, backprops=backprops,
+                                                                loss_reduction=loss_reduction,
+                                                                batch_first=batch_first)
+        # Opacus sizes the sample buffer by ``module.max_batch_len``: one row per pair, not per sequence.
+        if not getattr(module, "_pair_rows_halved", False):
+            module.max_batch_len = _pairs(module.max_batch_len)
+            module._pair_rows_halved = True
+        return activations, backprops
+
+    def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):
+        super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
+        if not hasattr(module, "max_batch_len"):  # Opacus dropped it: the next batch is sized afresh
+            module._pair_rows_halved = False
 
     @property
     def module(self) -> torch.nn.Module:
@@ -38,6 +68,35 @@ class PairGradSampleModule(GradSampleModule):
 
     def disable_adapter(self):
         return self._module.disable_adapter()
+
+
+def _pairs(rows: int) -> int:
+    if rows % 2:
+        raise ValueError(f"a pair batch must have an even number of rows (chosen then rejected), got {rows}")
+    return rows // 2
+
+
+def pair_linear_grad_sample(layer: torch.nn.Linear, activations: list[torch.Tensor],
+                            backprops: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+    """Per-pair samples of a linear layer: the chosen half's per-row products plus the rejected half's."""
+    a = activations[0].to(backprops.dtype)
+    half = _pairs(a.shape[0])
+    out = {}
+    if layer.weight.requires_grad:
+        w = torch.einsum("n...i,n...j->nij", backprops[:half], a[:half])
+        w += torch.einsum("n...i,n...j->nij", backprops[half:], a[half:])
+        out[layer.weight] = w
+    if layer.bias is not None and layer.bias.requires_grad:
+        b = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1]).sum(1)
+        out[layer.bias] = b[:half] + b[half:]
+    return out
+
+
+def _per_pair(sampler):
+    """Opacus's per-row sampler for a module type, folded to per-pair samples."""
+    def fold(layer, activations, backprops):
+        return {p: fold_pair_rows(g) for p, g in sampler(layer, activations, backprops).items()}
+    return fold
 
 
 def fold_pair_rows(grad_sample: torch.Tensor) -> torch.Tensor:
@@ -51,14 +110,14 @@ def fold_pair_rows(grad_sample: torch.Tensor) -> torch.Tensor:
 
 
 def per_pair_grad_sample(p: torch.Tensor) -> torch.Tensor:
-    """A parameter's per-pair samples; a list (several backward passes) is folded pass by pass."""
+    """A parameter's per-pair samples (a list, from several backward passes, is concatenated)."""
     gs = getattr(p, "grad_sample", None)
     if gs is None:
         raise ValueError("per-sample gradient not found: is the model wrapped in PairGradSampleModule and "
                          "did this parameter take part in the forward pass?")
     if isinstance(gs, list):
-        return torch.cat([fold_pair_rows(g) for g in gs], dim=0)
-    return fold_pair_rows(gs)
+        return torch.cat(gs, dim=0)
+    return gs
 
 
 def per_sample_norms(samples: list[torch.Tensor]) -> torch.Tensor:

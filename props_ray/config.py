@@ -119,7 +119,10 @@ class DPSGDConfig(_Section):
 class MethodConfig(_Section):
     method: Literal["nonprivate", "rr", "props", "dpsgd"]
     name: str | None = Field(None, description="display name (default method, or props-RULE)")
-    loss: Literal["sigmoid", "robust", "soft"] | None = None
+    loss: Literal["sigmoid", "robust", "soft"] | None = Field(
+        None, description="DPO loss (default sigmoid). For props stages after the first: sigmoid trains on the "
+                          "combined hard label, soft on its confidence (default: soft for rule posterior, "
+                          "sigmoid for mle); robust applies to RR labels only, so to props stage 1")
     rule: Literal["mle", "posterior"] = "mle"
     epsilons: list[float] | None = Field(None, description="override privacy.epsilons for this method")
 

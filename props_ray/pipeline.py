@@ -369,7 +369,9 @@ class Job:
         return out
 
     def _stage_loss(self, method: MethodConfig, stage: int) -> str:
-        if method.method == "props" and stage > 1:
+        if method.method == "props" and stage > 1:  # combined labels: hard (sigmoid) or confidences (soft)
+            if method.loss in ("sigmoid", "soft"):
+                return method.loss
             return "soft" if method.rule == "posterior" else "sigmoid"
         if method.loss == "soft":
             return "sigmoid"

@@ -51,3 +51,20 @@ def test_load_job_file_errors(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_job(bad)
+
+
+def test_props_stage_loss_follows_the_rule_unless_the_method_names_one(tmp_path):
+    from props_ray.config import JobConfig
+    from props_ray.pipeline import Job
+
+    job = Job(JobConfig(name="losses", output_dir=str(tmp_path), methods=[{"method": "props"}]))
+    loss = {}
+    for spec in ({"rule": "mle"}, {"rule": "posterior"}, {"rule": "posterior", "loss": "sigmoid"},
+                 {"rule": "mle", "loss": "soft"}, {"rule": "posterior", "loss": "robust"}):
+        m = job.cfg.methods[0].model_validate({"method": "props", **spec})
+        loss[tuple(spec.values())] = [job._stage_loss(m, k) for k in (1, 2, 3)]
+    assert loss[("mle",)] == ["sigmoid"] * 3
+    assert loss[("posterior",)] == ["sigmoid", "soft", "soft"]  # stage 1 trains on RR labels
+    assert loss[("posterior", "sigmoid")] == ["sigmoid"] * 3  # the Bayes decision as a hard label
+    assert loss[("mle", "soft")] == ["sigmoid", "soft", "soft"]
+    assert loss[("posterior", "robust")] == ["robust", "soft", "soft"]  # RR's flip rate fits stage 1 only

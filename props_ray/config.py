@@ -124,6 +124,9 @@ class MethodConfig(_Section):
                           "combined hard label, soft on its confidence (default: soft for rule posterior, "
                           "sigmoid for mle); robust applies to RR labels only, so to props stage 1")
     rule: Literal["mle", "posterior"] = "mle"
+    model_error_confidence: float | None = Field(
+        None, gt=0.5, lt=1.0, description="props, rule mle: use this upper confidence bound on the stage model's "
+                                          "error gamma_M instead of its point estimate (e.g. 0.95)")
     epsilons: list[float] | None = Field(None, description="override privacy.epsilons for this method")
 
     @field_validator("epsilons")
@@ -139,6 +142,8 @@ class MethodConfig(_Section):
             raise ValueError("the robust loss needs a flip rate; method 'nonprivate' has none")
         if self.method in ("nonprivate", "rr", "dpsgd") and self.loss == "soft":
             raise ValueError(f"the soft loss needs per-pair confidence, which method '{self.method}' does not produce")
+        if self.model_error_confidence is not None and (self.method != "props" or self.rule != "mle"):
+            raise ValueError("model_error_confidence applies to method 'props' with rule 'mle' only")
         return self
 
     @property

@@ -226,6 +226,9 @@ class Job:
                   "lr": cfg.train.lr, "lora": cfg.model.lora.enabled, "seed": cfg.seed}
         if method.method == "props":
             params["rule"] = method.rule
+            params["stage_loss"] = self._stage_loss(method, cfg.stages)
+            if method.model_error_confidence is not None:
+                params["model_error_confidence"] = method.model_error_confidence
         if epsilon is not None and method.method != "dpsgd":
             params["flip_probability"] = flip_probability(epsilon)
             params["secure_randomness"] = cfg.secure_randomness
@@ -270,7 +273,7 @@ class Job:
                     if str(k) in relabeled and labels_path.exists():  # resumed: the same labels, not redone
                         pairs, info = pd.read_parquet(labels_path), relabeled[str(k)]
                     else:
-                        pairs, info = self._relabel(k, pairs, prev, epsilon, method.rule, labels_path)
+                        pairs, info = self._relabel(k, pairs, prev, epsilon, method, labels_path)
                         relabeled[str(k)] = info
                         state_path.write_text(json.dumps(state, indent=1))
                     stage_info[k] = info
@@ -402,7 +405,7 @@ class Job:
                  "metrics": {k: v for k, v in c.metrics.items() if isinstance(v, (int, float, str, bool))}}
                 for c in cks]
 
-    def _relabel(self, k: int, privatized: pd.DataFrame, prev: dict, epsilon: float, rule: str,
+    def _relabel(self, k: int, privatized: pd.DataFrame, prev: dict, epsilon: float, method: MethodConfig,
                  labels_path: Path) -> tuple[pd.DataFrame, dict]:
         from props_ray.relabel import apply_combination, score_partition
 
@@ -413,14 +416,17 @@ class Job:
                                  keep_id=True)
         margins = score_partition(ds, base_path=self.base_path, adapter_path=prev["model_path"],
                                   model_cfg=cfg.model, beta=cfg.train.beta, use_gpu=cfg.train.use_gpu)
-        combined, comb = apply_combination(privatized, margins, epsilon, rule)
+        options = {"model_error_confidence": method.model_error_confidence} if method.rule == "mle" else {}
+        combined, comb = apply_combination(privatized, margins, epsilon, method.rule, **options)
         combined.to_parquet(labels_path, index=False)  # derived from privatized labels only
         self._add_time(f"{self._trial}:relabel", time.time() - t)
         info = {"disagreement": comb.disagreement, "model_error": comb.model_error,
+                "model_error_bound": comb.model_error_bound,
                 "calibration_scale": comb.calibration_scale, "flipped_fraction": float(comb.flipped.mean()),
                 "relabel_seconds": time.time() - t}
         self.say(f"[relabel stage {k}] model disagrees with RR on {comb.disagreement:.1%} of pairs; "
                  + (f"gamma_M={comb.model_error:.3f}; " if comb.model_error is not None else "")
+                 + (f"upper bound {comb.model_error_bound:.3f}; " if comb.model_error_bound is not None else "")
                  + f"{comb.flipped.mean():.1%} of labels flipped ({info['relabel_seconds']:.1f}s)")
         return combined, info
 

@@ -75,7 +75,7 @@ def score_partition(tokenized, *, base_path: str, adapter_path: str, model_cfg: 
 
 
 def apply_combination(privatized: pd.DataFrame, margins: pd.DataFrame, epsilon: float,
-                      rule: str) -> tuple[pd.DataFrame, Combination]:
+                      rule: str, **options) -> tuple[pd.DataFrame, Combination]:
     """Combined labels for a privatized partition.
 
     Returns {id, prompt, chosen, rejected, confidence} where ``chosen`` is the
@@ -86,7 +86,7 @@ def apply_combination(privatized: pd.DataFrame, margins: pd.DataFrame, epsilon: 
     if merged["margin"].isna().any():
         missing = merged.loc[merged["margin"].isna(), "id"].head(3).tolist()
         raise RuntimeError(f"relabel produced no margin for pairs {missing}")
-    comb = combine_labels(merged["margin"].to_numpy(), epsilon, rule)
+    comb = combine_labels(merged["margin"].to_numpy(), epsilon, rule, **options)
     flip = comb.flipped
     out = merged[["id", "prompt"]].copy()
     out["chosen"] = np.where(flip, merged["rejected"], merged["chosen"])

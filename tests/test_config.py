@@ -68,3 +68,13 @@ def test_props_stage_loss_follows_the_rule_unless_the_method_names_one(tmp_path)
     assert loss[("posterior", "sigmoid")] == ["sigmoid"] * 3  # the Bayes decision as a hard label
     assert loss[("mle", "soft")] == ["sigmoid", "soft", "soft"]
     assert loss[("posterior", "robust")] == ["robust", "soft", "soft"]  # RR's flip rate fits stage 1 only
+
+
+def test_model_error_confidence_is_checked():
+    ok = validate_job({"name": "j", "methods": [{"method": "props", "model_error_confidence": 0.95,
+                                                  "name": "props-mle-bounded"}]})
+    assert ok.methods[0].model_error_confidence == 0.95
+    with pytest.raises(ConfigError, match=r"methods\.0\.model_error_confidence"):
+        validate_job({"name": "j", "methods": [{"method": "props", "model_error_confidence": 1.5}]})
+    with pytest.raises(ConfigError, match="rule 'mle' only"):
+        validate_job({"name": "j", "methods": [{"method": "rr", "model_error_confidence": 0.9}]})

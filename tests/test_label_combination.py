@@ -92,3 +92,43 @@ def test_posterior_of_uninformative_model_is_rr_prior():
 def test_unknown_rule():
     with pytest.raises(ValueError, match="rule"):
         combine_labels(np.ones(3), 1.0, "vote")
+
+
+def test_model_error_upper_bound_covers_the_true_error_and_shrinks_with_epsilon():
+    """Coverage by simulation: with a model of known error, the 95% bound is >= the true gamma_M in
+    about 95% of partitions; and it is far looser at epsilon 0.1 than at 2."""
+    from props_ray.privacy.label_combination import model_error_upper_bound
+
+    rng = np.random.default_rng(7)
+    n, gamma_m, trials = 1000, 0.3, 400
+    for eps in (0.5, 2.0):
+        gamma = flip_probability(eps)
+        covered = 0
+        for _ in range(trials):
+            rr_wrong = rng.random(n) < gamma
+            model_wrong = rng.random(n) < gamma_m
+            d = float((rr_wrong != model_wrong).mean())
+            covered += model_error_upper_bound(d, n, gamma, 0.95) >= gamma_m
+        assert 0.91 <= covered / trials <= 0.99, (eps, covered / trials)
+    # The same model (gamma_M = 0.3) seen through RR labels at epsilon 0.1 and at 2 (noise-free d):
+    slack = {}
+    for eps in (0.1, 2.0):
+        gamma = flip_probability(eps)
+        slack[eps] = model_error_upper_bound(gamma + gamma_m * (1 - 2 * gamma), n, gamma, 0.95) - gamma_m
+    assert 0 < slack[2.0] < 0.05 and slack[0.1] > 0.15, slack
+    with pytest.raises(ValueError, match="confidence"):
+        model_error_upper_bound(0.4, n, 0.3, 0.4)
+
+
+def test_mle_with_a_confidence_bound_keeps_rr_labels_unless_the_model_is_shown_better():
+    # epsilon 0.1: d = 0.48 says gamma_M ~ 0.1 by the point estimate, but 1000 labels cannot show it
+    gamma = flip_probability(0.1)
+    margins = np.r_[-np.ones(480), np.ones(520)]
+    point = combine_mle(margins, 0.1)
+    bounded = combine_mle(margins, 0.1, model_error_confidence=0.95)
+    assert point.model_error < gamma and point.flipped.sum() == 480  # the paper's rule trusts the model
+    assert bounded.model_error_bound >= gamma and bounded.flipped.sum() == 0  # the bound does not
+    # epsilon 1 with a clearly better model: the bound is still below gamma, so the model decides
+    margins = np.r_[-np.ones(330), np.ones(670)]
+    bounded = combine_mle(margins, 1.0, model_error_confidence=0.95)
+    assert bounded.model_error_bound < flip_probability(1.0) and bounded.flipped.sum() == 330

@@ -17,6 +17,7 @@ in (0, 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -37,6 +38,7 @@ class Combination:
     disagreement: float  # fraction of pairs where the model disagrees with RR
     model_error: float | None = None  # gamma_M (mle)
     calibration_scale: float | None = None  # alpha (posterior)
+    model_error_bound: float | None = None  # the upper confidence bound on gamma_M the mle rule used, if asked
 
     @property
     def flipped(self) -> np.ndarray:
@@ -68,23 +70,49 @@ def estimate_model_error(disagreement: float, gamma_rr: float,
     return float(min(max(gamma_m, lo), hi))
 
 
-def combine_mle(margins: np.ndarray, epsilon: float) -> Combination:
+def model_error_upper_bound(disagreement: float, n: int, gamma_rr: float, confidence: float) -> float:
+    """A one-sided upper confidence bound on gamma_M at level ``confidence``.
+
+    The disagreement rate d of n pairs has the Wilson upper bound d+; gamma_M is increasing in d, so
+    (d+ - gamma) / (1 - 2 gamma) bounds it. The bound widens as 1 / (1 - 2 gamma): at small epsilon the
+    privatized labels say little about how good the model is.
+    """
+    if not 0.5 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+    if n <= 0:
+        return GAMMA_M_MAX
+    z = NormalDist().inv_cdf(confidence)
+    d = disagreement
+    upper = (d + z * z / (2 * n) + z * np.sqrt(d * (1 - d) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return estimate_model_error(min(1.0, float(upper)), gamma_rr)
+
+
+def combine_mle(margins: np.ndarray, epsilon: float, model_error_confidence: float | None = None) -> Combination:
     """The PROPS maximum-likelihood rule.
 
     Decide each pair by the sign of
         (-1)^l_RR log((1-gamma)/gamma) + (-1)^l_M log((1-gamma_M)/gamma_M),
     with l = 0 meaning "prefers the RR-chosen response". Ties keep the RR label.
+
+    ``model_error_confidence`` (e.g. 0.95) plugs in the upper confidence bound on gamma_M instead of
+    its point estimate: the model overrides an RR label only where the privatized labels show, at
+    that confidence, that it is more accurate than RR. Still computed from privatized labels and
+    margins only.
     """
     margins = np.asarray(margins, dtype=np.float64)
     gamma = flip_probability(epsilon)
     disagree = model_labels_disagree(margins)
     d = float(disagree.mean()) if margins.size else 0.0
     gamma_m = estimate_model_error(d, gamma)
+    bound = None
+    if model_error_confidence is not None:
+        bound = model_error_upper_bound(d, int(margins.size), gamma, model_error_confidence)
     w_rr = np.log((1.0 - gamma) / gamma)
-    w_m = np.log((1.0 - gamma_m) / gamma_m)
+    w_m = np.log((1.0 - (bound if bound is not None else gamma_m)) / (bound if bound is not None else gamma_m))
     score = w_rr + np.where(disagree, -w_m, w_m)
     confidence = (score >= 0).astype(np.float64)
-    return Combination(confidence=confidence, rule="mle", disagreement=d, model_error=gamma_m)
+    return Combination(confidence=confidence, rule="mle", disagreement=d, model_error=gamma_m,
+                       model_error_bound=bound)
 
 
 def _rr_log_likelihood(alpha: float, margins: np.ndarray, gamma: float) -> float:
@@ -134,15 +162,16 @@ def combine_posterior(margins: np.ndarray, epsilon: float) -> Combination:
 RULES = {"mle": combine_mle, "posterior": combine_posterior}
 
 
-def combine_labels(margins: np.ndarray, epsilon: float, rule: str) -> Combination:
+def combine_labels(margins: np.ndarray, epsilon: float, rule: str, **options) -> Combination:
+    """Combine with ``rule``; ``options`` go to the rule (``model_error_confidence`` for mle)."""
     try:
         fn = RULES[rule]
     except KeyError:
         raise ValueError(f"unknown combination rule {rule!r}; expected one of {sorted(RULES)}") from None
-    return fn(margins, epsilon)
+    return fn(margins, epsilon, **options)
 
 
 __all__ = [
     "Combination", "combine_labels", "combine_mle", "combine_posterior", "calibrate_margin_scale",
-    "posterior_confidence", "estimate_model_error", "model_labels_disagree",
+    "posterior_confidence", "estimate_model_error", "model_error_upper_bound", "model_labels_disagree",
 ]

@@ -220,7 +220,8 @@ class Job:
 
         run_id = self.tracker.run(f"{self.job_cfg.name}/{name}", name, parent=self.job_run,
                                   tags={"props_ray.kind": "trial", "props_ray.method": method.method})
-        params = {"method": method.method, "epsilon": "inf" if epsilon is None else epsilon,
+        params = {"method": method.method, "method_name": method.display_name,
+                  "epsilon": "inf" if epsilon is None else epsilon,
                   "stages": cfg.stages, "loss": self._stage_loss(method, 1), "beta": cfg.train.beta,
                   "num_workers": cfg.train.num_workers, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                   "lr": cfg.train.lr, "lora": cfg.model.lora.enabled, "seed": cfg.seed}

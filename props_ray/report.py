@@ -46,7 +46,9 @@ def method_label(method: str, rule: str | None) -> str:
 
 
 def method_sort_key(label: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER), label)
+    """Known methods in METHOD_ORDER; a named variant (``props-mle-bounded``) right after its method."""
+    base = max((m for m in METHOD_ORDER if label == m or label.startswith(m + "-")), key=len, default=None)
+    return (METHOD_ORDER.index(base) if base else len(METHOD_ORDER), label)
 
 
 # -- reading the run tree -------------------------------------------------------------------------------------
@@ -142,7 +144,8 @@ def _history(client, run_id: str, key: str) -> list[float]:
 def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
     """One row per trial run of a job run (or of the most recent job run of an experiment).
 
-    Columns: run_id, trial (run name), method_label (``props-<rule>`` or the method), method, rule,
+    Columns: run_id, trial (run name), method_label (the method's ``name``; by default ``props-<rule>``
+    or the method), method, rule,
     epsilon (float, ``inf`` for the non-private baseline), seed (int; the job's seed when the trial
     has none), stages, win_rate, win_rate_ci_low, win_rate_ci_high, label_accuracy (NaN when not
     logged, e.g. dpsgd), stage_label_accuracy (list ordered by step), final_epsilon (dpsgd's spent
@@ -168,7 +171,7 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
         rows.append({
             "run_id": r.info.run_id,
             "trial": r.info.run_name,
-            "method_label": method_label(method, rule),
+            "method_label": p.get("method_name") or method_label(method, rule),
             "method": method,
             "rule": rule,
             "epsilon": epsilon,

@@ -373,3 +373,27 @@ def test_report_command_errors(store, tmp_path, capsys, monkeypatch):
     assert report_command(EXPERIMENT, None, markdown=False, plots_dir=None) == 2
     assert "no MLflow store" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_named_variants_of_a_method_are_summarized_apart(tmp_path):
+    """Two PROPS mle variants in one job (one with a ``name``) stay separate rows, each after its method."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("variants", artifact_location=str(tmp_path / "artifacts"))
+    job_id = client.create_run(exp, run_name="v", tags={"props_ray.kind": "job", "props_ray.key": "v"}).info.run_id
+    wins = {("rr", None, None): 0.6, ("props", "mle", "props-mle"): 0.8, ("props", "mle", "props-mle-bounded"): 0.7,
+            ("dpsgd", None, None): 0.5}
+    for (method, rule, name), win in wins.items():
+        run_id = client.create_run(exp, run_name=f"{name or method}-eps1", tags={
+            "props_ray.kind": "trial", "mlflow.parentRunId": job_id}).info.run_id
+        params = {"method": method, "epsilon": "1.0", "stages": "3", "seed": "0"}
+        params.update({"rule": rule} if rule else {})
+        params.update({"method_name": name} if name else {})  # runs from before method_name fall back
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                         metrics=[Metric("win_rate", win, 0, 0)])
+    s = summarize(trials_from_mlflow(client, job_id))
+    assert list(s["method_label"]) == ["rr", "props-mle", "props-mle-bounded", "dpsgd"]
+    assert list(s["win_rate_mean"]) == [0.6, 0.8, 0.7, 0.5]

@@ -8,7 +8,7 @@ fixed batch of pairs: reference log-probs (LoRA disabled, no grad), policy
 forward of the 2B rows, DPO loss, backward, optimizer step (AdamW). The
 non-private step is ``StandardEngine``'s (mean loss, global clipping at 1.0,
 without DDP since there is one process); the DP-SGD step is ``DPSGDEngine``'s
-(Opacus per-row samples folded into per-pair samples, per-pair clipping,
+(Opacus hooks giving per-pair samples, per-pair clipping,
 Gaussian noise, a fixed sigma so no calibration time is counted).
 
 Time: both modes run in one subprocess on identical model copies with their

@@ -3,10 +3,11 @@
 Where each part of the mechanism lives:
 
 - **per-pair gradients and clipping** (:mod:`props_ray.dpsgd.grad_sample`):
-  Opacus hooks give per-row gradient samples of the 2B-row pair forward;
-  :class:`PairDPOptimizer.clip_and_accumulate` folds rows i and B+i into pair
-  i's gradient and clips each pair's whole gradient to C once, after every
-  physical batch (so per-sample memory is bounded by the physical batch).
+  Opacus's hooks give per-pair gradient samples of the 2B-row pair forward
+  (rows i and B+i summed in the hook);
+  :class:`PairDPOptimizer.clip_and_accumulate` clips each pair's whole gradient
+  to C once, after every physical batch (so per-sample memory is bounded by
+  the physical batch).
 - **Poisson sampling** (:mod:`props_ray.dpsgd.sampler`): each worker
   materializes its disjoint shard once per stage and includes each of its pairs
   in each logical step with rate q = B / N_stage; every rank takes the same
@@ -57,8 +58,7 @@ def _dist() -> tuple[int, int]:
 class PairDPOptimizer(DPOptimizer):
     """An Opacus ``DPOptimizer`` whose privacy unit is the preference pair, distributed over ranks.
 
-    - :meth:`clip_and_accumulate` (called once per physical batch) folds the
-      per-row samples into per-pair samples, clips each pair to
+    - :meth:`clip_and_accumulate` (called once per physical batch) clips each pair's sample to
       ``max_grad_norm`` and adds the clipped sum to ``p.summed_grad``;
     - :meth:`step` (once per logical batch): an empty local batch contributes
       zeros; rank 0 adds the noise; all ranks all-reduce the sum; the result is
@@ -264,7 +264,7 @@ class DPSGDEngine:
             yield physical_batches(self.tensors, idx, self.physical_batch_size, device)
 
     def backward(self, per_pair_loss: torch.Tensor) -> None:
-        """Back-propagate one physical batch, then fold, clip and accumulate its per-pair gradients."""
+        """Back-propagate one physical batch, then clip and accumulate its per-pair gradients."""
         per_pair_loss.sum().backward()
         self.optimizer.clip_and_accumulate()
         for p in self.optimizer.params:

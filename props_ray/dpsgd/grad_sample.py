@@ -48,19 +48,15 @@ class PairGradSampleModule(GradSampleModule):
                                           f"({type(m).__name__}); train LoRA adapters or supported layers")
 
     def rearrange_grad_samples(self, *, module, backprops, loss_reduction, batch_first):
+        # Opacus sizes the sample buffer by ``module.max_batch_len``, which it computes (in rows) on
+        # a batch's first backward through the module and drops after its last: one row per pair.
+        fresh = not hasattr(module, "max_batch_len")
         activations, backprops = super().rearrange_grad_samples(module=module, backprops=backprops,
                                                                 loss_reduction=loss_reduction,
                                                                 batch_first=batch_first)
-        # Opacus sizes the sample buffer by ``module.max_batch_len``: one row per pair, not per sequence.
-        if not getattr(module, "_pair_rows_halved", False):
+        if fresh:
             module.max_batch_len = _pairs(module.max_batch_len)
-            module._pair_rows_halved = True
         return activations, backprops
-
-    def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):
-        super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
-        if not hasattr(module, "max_batch_len"):  # Opacus dropped it: the next batch is sized afresh
-            module._pair_rows_halved = False
 
     @property
     def module(self) -> torch.nn.Module:

@@ -107,8 +107,9 @@ def combine_mle(margins: np.ndarray, epsilon: float, model_error_confidence: flo
     bound = None
     if model_error_confidence is not None:
         bound = model_error_upper_bound(d, int(margins.size), gamma, model_error_confidence)
+    used = gamma_m if bound is None else bound
     w_rr = np.log((1.0 - gamma) / gamma)
-    w_m = np.log((1.0 - (bound if bound is not None else gamma_m)) / (bound if bound is not None else gamma_m))
+    w_m = np.log((1.0 - used) / used)
     score = w_rr + np.where(disagree, -w_m, w_m)
     confidence = (score >= 0).astype(np.float64)
     return Combination(confidence=confidence, rule="mle", disagreement=d, model_error=gamma_m,

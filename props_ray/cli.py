@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from props_ray.bench.suite import SECTIONS as BENCH_SECTIONS
 from props_ray.config import ConfigError, load_job
 
 
@@ -53,9 +54,9 @@ def cmd_submit(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from props_ray.bench.suite import SECTIONS, run_bench
+    from props_ray.bench.suite import run_bench
 
-    sections = args.only or list(SECTIONS)
+    sections = args.only or list(BENCH_SECTIONS)
     run_bench(args.quick, sections, args.output_dir, job=args.job, json_path=args.json, overrides=args.overrides)
     return 0
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "demo wall time; prints a table of ratios against their goals")
     p.add_argument("--quick", action="store_true", help="a reduced run (a few minutes on a 2-core CPU)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every figure to PATH as JSON")
-    p.add_argument("--only", nargs="+", choices=["demo", "throughput", "dp_overhead", "relabel"], default=None)
+    p.add_argument("--only", nargs="+", choices=BENCH_SECTIONS, default=None)
     p.add_argument("--job", default="jobs/demo.yaml", help="the job the demo section runs (default jobs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a field of the demo section's job (repeatable)")

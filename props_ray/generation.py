@@ -1,7 +1,8 @@
 """Generating responses to held-out prompts, by Ray Data batch inference.
 
-``ResponseGenerator`` is a callable class for ``Dataset.map_batches``: each
-actor loads the model once (the reference, or the reference plus a stage
+``ResponseGenerator`` is a callable class for ``Dataset.map_batches`` (run by
+:func:`props_ray.batch_inference.map_with_model`): each actor, or each pooled
+worker process on CPUs, loads the model once (the reference, or the reference plus a stage
 adapter) and samples ``max_new_tokens`` tokens per prompt. Sampling is seeded
 per row, so a generation does not depend on how Ray Data batches the rows.
 """
@@ -82,18 +83,17 @@ class ResponseGenerator:
 def generate(prompts: list[str], *, base_path: str, adapter_path: str | None, model_cfg: ModelConfig,
              samples_per_prompt: int, max_new_tokens: int, temperature: float, seed: int,
              max_prompt_length: int, fixed_length: bool, num_actors: int = 1, use_gpu: bool = False,
-             batch_size: int = 64) -> pd.DataFrame:
+             batch_size: int = 64, compute: str = "auto") -> pd.DataFrame:
     """{prompt, row, response}: ``samples_per_prompt`` generations per prompt, rows in prompt order."""
     import ray.data
 
+    from props_ray.batch_inference import map_with_model
+
     rows = [{"prompt": p, "row": i * samples_per_prompt + s}
             for i, p in enumerate(prompts) for s in range(samples_per_prompt)]
-    ds = ray.data.from_items(rows)
-    out = ds.map_batches(
-        ResponseGenerator, batch_size=batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1, num_gpus=1 if use_gpu else 0,
-        fn_constructor_kwargs={"base_path": base_path, "adapter_path": adapter_path,
-                               "model_cfg": model_cfg.model_dump(), "max_new_tokens": max_new_tokens,
-                               "temperature": temperature, "seed": seed, "max_prompt_length": max_prompt_length,
-                               "fixed_length": fixed_length, "use_gpu": use_gpu}).to_pandas()
+    kwargs = {"base_path": base_path, "adapter_path": adapter_path, "model_cfg": model_cfg.model_dump(),
+              "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+              "max_prompt_length": max_prompt_length, "fixed_length": fixed_length, "use_gpu": use_gpu}
+    out = map_with_model(ray.data.from_items(rows), ResponseGenerator, kwargs, batch_size=batch_size,
+                         workers=num_actors, use_gpu=use_gpu, compute=compute).to_pandas()
     return out.sort_values("row").reset_index(drop=True)

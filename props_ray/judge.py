@@ -46,9 +46,10 @@ class RewardModelJudge:
     def score(self, generations: pd.DataFrame) -> np.ndarray:
         import ray.data
 
-        out = ray.data.from_pandas(generations[["prompt", "response", "row"]]).map_batches(
-            RewardModelScorer, batch_size=32, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_gpus=1 if self.use_gpu else 0,
-            fn_constructor_kwargs={"model": self.model, "use_gpu": self.use_gpu}).to_pandas()
+        from props_ray.batch_inference import map_with_model
+
+        out = map_with_model(ray.data.from_pandas(generations[["prompt", "response", "row"]]), RewardModelScorer,
+                             {"model": self.model, "use_gpu": self.use_gpu}, batch_size=32,
+                             workers=self.num_actors, use_gpu=self.use_gpu).to_pandas()
         scores = dict(zip(out["row"], out["score"]))
         return np.array([scores[r] for r in generations["row"]], dtype=np.float64)

@@ -1,7 +1,8 @@
 """Relabel a partition with the previous stage's model, by Ray Data batch inference.
 
-``StageScorer`` is a callable class for ``Dataset.map_batches``: each actor
-loads the stage checkpoint once and scores batches of pairs with the DPO
+``StageScorer`` is a callable class for ``Dataset.map_batches`` (run by
+:func:`props_ray.batch_inference.map_with_model`): each actor, or each pooled
+worker process on CPUs, loads the stage checkpoint once and scores batches of pairs with the DPO
 implicit reward margin
 
     beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)],
@@ -59,19 +60,16 @@ class StageScorer:
 
 def score_partition(tokenized, *, base_path: str, adapter_path: str, model_cfg: ModelConfig, beta: float,
                     num_actors: int = 1, use_gpu: bool = False, batch_size: int = 128,
-                    timing: bool = False) -> pd.DataFrame:
+                    timing: bool = False, compute: str = "auto") -> pd.DataFrame:
     """Margins {id, margin} of every pair of a tokenized Ray Dataset (which must keep ``id``);
-    ``timing`` adds each batch's timestamps (see :class:`StageScorer`)."""
-    import ray.data
+    ``timing`` adds each batch's timestamps (see :class:`StageScorer`). ``compute``: see
+    :mod:`props_ray.batch_inference` (``auto``: an actor pool on GPUs, model-caching tasks on CPUs)."""
+    from props_ray.batch_inference import map_with_model
 
-    scored = tokenized.map_batches(
-        StageScorer, batch_size=batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        fn_constructor_kwargs={"base_path": base_path, "adapter_path": adapter_path,
-                               "model_cfg": model_cfg.model_dump(), "beta": beta, "use_gpu": use_gpu,
-                               "timing": timing},
-        num_gpus=1 if use_gpu else 0, num_cpus=1)
-    return scored.to_pandas()
+    return map_with_model(tokenized, StageScorer,
+                          {"base_path": base_path, "adapter_path": adapter_path, "model_cfg": model_cfg.model_dump(),
+                           "beta": beta, "use_gpu": use_gpu, "timing": timing},
+                          batch_size=batch_size, workers=num_actors, use_gpu=use_gpu, compute=compute).to_pandas()
 
 
 def apply_combination(privatized: pd.DataFrame, margins: pd.DataFrame, epsilon: float,

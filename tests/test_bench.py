@@ -56,6 +56,7 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     r = s["relabel"]
     assert r["max_margin_difference"] < 1e-5  # both paths computed the same scores
     assert r["ray_data_pairs_per_s"] > 0 and r["plain_loop_pairs_per_s"] > 0 and r["actor_startup_s"] > 0
+    assert 0 < r["tasks_startup_next_s"] < r["tasks_wall_next_s"]
     demo = s["demo"]
     assert set(demo["trials"]) == {"props-mle-eps0.5"}  # --quick: PROPS alone, K = 2
     assert demo["trials"]["props-mle-eps0.5"]["relabel"] > 0 and demo["trials"]["props-mle-eps0.5"]["train"] > 0

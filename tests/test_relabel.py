@@ -32,11 +32,12 @@ def stage_model(tmp_path_factory):
     return str(d / "base"), str(d / "adapter"), task.preference_pairs(300, 5)
 
 
-def test_ray_data_relabel_equals_direct_scoring(ray_local, stage_model):
+@pytest.mark.parametrize("compute", ["actors", "tasks"])
+def test_ray_data_relabel_equals_direct_scoring(ray_local, stage_model, compute):
     base, adapter, pairs = stage_model
     ds = to_training_dataset(pairs, base, 8, 8, keep_id=True)
     via_ray = score_partition(ds, base_path=base, adapter_path=adapter, model_cfg=ModelConfig(), beta=0.1,
-                              batch_size=64)
+                              batch_size=64, compute=compute)
     direct_in = tokenize_batch({k: pairs[k].to_numpy() for k in pairs.columns}, base, 8, 8, keep_id=True)
     direct = StageScorer(base, adapter, ModelConfig().model_dump(), beta=0.1)(direct_in)
     got = via_ray.set_index("id").loc[direct["id"], "margin"].to_numpy()

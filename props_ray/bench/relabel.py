@@ -1,4 +1,5 @@
-"""Relabel throughput: the Ray Data actor-pool scorer against a plain single-process scoring loop.
+"""Relabel throughput: the Ray Data actor-pool scorer against a plain single-process scoring loop,
+and the start-up of the CPU path (model-caching tasks, see :mod:`props_ray.batch_inference`).
 
 Both run the same ``StageScorer`` on the same tokenized pairs, with the same stage model (the embedded
 reference plus a LoRA adapter), batch size and one torch thread, computing the
@@ -7,6 +8,11 @@ is per actor at steady state: pairs after the actor's first batch divided by
 the time from the end of that batch to the end of its last, so it includes
 Ray Data's hand-over between batches but not the actor's start-up, which is
 reported separately (from the ``map_batches`` call to the first batch).
+
+The CPU path that jobs take by default (Ray Data tasks on pooled worker
+processes) is timed the same way, twice, each with a new stage model, as in a
+job's successive relabels: the first start-up may pay a fresh process's imports,
+the second finds them done and loads only the new adapter.
 """
 
 from __future__ import annotations
@@ -37,16 +43,20 @@ def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int
     from props_ray.relabel import StageScorer, score_partition
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(cfg.seed)
-        adapter = f"{tmp}/adapter"
-        save_policy(build_policy(base_path, cfg.model), adapter)
+        adapters = []
+        for i in range(3):  # three stage models: the actor pool's, then one per task-path relabel
+            torch.manual_seed(cfg.seed + i)
+            adapters.append(f"{tmp}/adapter-{i}")
+            save_policy(build_policy(base_path, cfg.model), adapters[-1])
+        adapter = adapters[0]
         ds = to_training_dataset(pairs, base_path, cfg.data.max_prompt_length, cfg.data.max_response_length,
                                  keep_id=True).materialize()  # tokenization is not part of either figure
 
         # -- Ray Data actor pool (one actor, as in the pipeline) -------------------------
         t0 = time.time()
         scored = score_partition(ds, base_path=base_path, adapter_path=adapter, model_cfg=cfg.model,
-                                 beta=cfg.train.beta, num_actors=1, batch_size=batch_size, timing=True)
+                                 beta=cfg.train.beta, num_actors=1, batch_size=batch_size, timing=True,
+                                 compute="actors")
         wall = time.time() - t0
         batches = scored.groupby("batch_start").agg(end=("batch_end", "first"), n=("id", "size")).reset_index()
         ray_rate = _steady(batches["batch_start"].to_numpy(), batches["end"].to_numpy(), batches["n"].to_numpy())
@@ -67,6 +77,14 @@ def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int
             loop_rate = _steady(np.array(starts), np.array(ends), np.array(sizes))
         finally:
             torch.set_num_threads(threads)
+        # -- the CPU path: model-caching tasks, two successive relabels with new stage models --------
+        tasks = []
+        for path in adapters[1:]:
+            t1 = time.time()
+            out = score_partition(ds, base_path=base_path, adapter_path=path, model_cfg=cfg.model,
+                                  beta=cfg.train.beta, num_actors=1, batch_size=batch_size, timing=True,
+                                  compute="tasks")
+            tasks.append({"startup_s": float(out["batch_start"].min()) - t1, "wall_s": time.time() - t1})
         # The two paths must agree on the scores, or the comparison is meaningless.
         loop_margin = pd.Series(np.concatenate(margins), index=data["id"].to_numpy())
         diff = float(np.abs(scored.set_index("id")["margin"] - loop_margin.reindex(scored["id"]).to_numpy()).max())
@@ -74,4 +92,5 @@ def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int
             "plain_loop_pairs_per_s": loop_rate, "ratio": ray_rate / loop_rate,
             "actor_startup_s": first_batch - t0,
             "actor_init_s": float(scored["actor_init_seconds"].iloc[0]), "ray_data_wall_s": wall,
-            "max_margin_difference": diff}
+            "max_margin_difference": diff, "tasks_startup_first_s": tasks[0]["startup_s"],
+            "tasks_startup_next_s": tasks[1]["startup_s"], "tasks_wall_next_s": tasks[1]["wall_s"]}

@@ -75,15 +75,18 @@ def _pairs(rows: int) -> int:
 def pair_linear_grad_sample(layer: torch.nn.Linear, activations: list[torch.Tensor],
                             backprops: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
     """Per-pair samples of a linear layer: the chosen half's per-row products plus the rejected half's."""
-    a = activations[0].to(backprops.dtype)
-    half = _pairs(a.shape[0])
+    half = _pairs(activations[0].shape[0])
+    # [rows, positions, features]: any leading per-row dims (sequence positions) flattened.
+    g = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1])
     out = {}
     if layer.weight.requires_grad:
-        w = torch.einsum("n...i,n...j->nij", backprops[:half], a[:half])
-        w += torch.einsum("n...i,n...j->nij", backprops[half:], a[half:])
+        a = activations[0].to(backprops.dtype)
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        w = torch.bmm(g[:half].transpose(1, 2), a[:half])  # sum over positions of g a^T, chosen rows
+        w.baddbmm_(g[half:].transpose(1, 2), a[half:])  # + the rejected rows, in place
         out[layer.weight] = w
     if layer.bias is not None and layer.bias.requires_grad:
-        b = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1]).sum(1)
+        b = g.sum(1)
         out[layer.bias] = b[:half] + b[half:]
     return out
 

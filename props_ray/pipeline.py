@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -81,8 +82,14 @@ class Job:
         cfg = self.cfg
         self.job_dir.mkdir(parents=True, exist_ok=True)
         t = time.time()
-        self.tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment,
-                               journal=self.job_dir / "tracking-journal.jsonl")
+        # Ray starts while the tracking store opens (a new sqlite store migrates its schema, ~3 s here):
+        # the Ray processes start on the other cores meanwhile.
+        with ThreadPoolExecutor(1) as pool:
+            tracker = pool.submit(Tracker, cfg.tracking.resolved_uri(), cfg.tracking.experiment,
+                                  journal=self.job_dir / "tracking-journal.jsonl")
+            ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
+            self.tracker = tracker.result()
+        self.timings["ray_start"] = time.time() - t
         self.tracker.flush()
         self.job_run = self.tracker.run(cfg.name, cfg.name, tags={"props_ray.kind": "job"})
         self.tracker.params(self.job_run, {"stages": cfg.stages, "seed": cfg.seed, "data_source": cfg.data.source,
@@ -91,9 +98,6 @@ class Job:
         config_path.write_text(dump_job(cfg))
         self.tracker.artifact(self.job_run, config_path)
         self.say(f"job {cfg.name}: tracking at {cfg.tracking.resolved_uri()}, output in {self.job_dir}")
-
-        ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
-        self.timings["ray_start"] = time.time() - t
         from props_ray.storage import check_shared_storage
 
         try:

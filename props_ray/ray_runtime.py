@@ -10,7 +10,10 @@ log = logging.getLogger(__name__)
 # Keep worker output to what a user wants to read: our progress lines and real errors.
 # Ray Train's controller: poll workers more often (a stage finishes sooner) and skip the
 # preemption watcher actor, which only matters on spot capacity.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Train workers' print() stays print(): Ray Train's patch would send each line to the driver twice,
+# once through stdout and once through its logger.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error",
              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
 

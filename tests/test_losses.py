@@ -83,3 +83,14 @@ def test_lora_weights_change_and_loss_falls(tmp_path):
     changed = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all("lora_" in n for n in changed)
     assert any("lm_head" in n for n in changed)  # the embedded default adapts the output head too
+    # The reference is still the base model, and its pass leaves the policy as it found it.
+    base = build_policy(str(tmp_path), ModelConfig(lora={"enabled": False}), trainable=False).eval()
+    with torch.no_grad():
+        bc, br = pair_logprobs(base, batch)
+    rc, rr = ref.pair_logprobs(batch)
+    torch.testing.assert_close((rc, rr), (bc, br))
+    assert policy.training
+    assert [n for n, p in policy.named_parameters() if p.requires_grad] == \
+        [n for n in before if "lora_" in n]
+    pc, _ = pair_logprobs(policy, batch)
+    assert (pc - rc).abs().max() > 1e-3  # the adapters are back on

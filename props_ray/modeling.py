@@ -103,7 +103,8 @@ class Reference:
         if self.frozen is not None:
             return pair_logprobs(self.frozen, batch)
         # The tuner's own switch, not ``PeftModel.disable_adapter()``, which first builds a status
-        # report of every adapter layer (string reprs included): ~2.6 ms a step on the embedded model.
+        # report of every adapter layer (string reprs included): about 1 ms of a ~9.6 ms reference pass
+        # on the embedded model (fastest of 600 passes: 9.6 -> 8.6 ms).
         tuner = self.policy.base_model
         was_training = self.policy.training
         self.policy.eval()

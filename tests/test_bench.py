@@ -43,7 +43,9 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     s = report["sections"]
-    assert set(s) == {"demo", "throughput", "dp_overhead", "relabel"}
+    assert set(s) == {"demo", "throughput", "dp_overhead", "relabel", "gpu"}
+    if s["gpu"].get("skipped"):  # CI has no GPU: the section says so instead of pretending
+        assert "gpu: skipped (no CUDA device)" in table
 
     assert s["throughput"]["props_ray"]["pairs_per_s"] > 0
     if "missing" in s["throughput"]["trl"]:

@@ -62,30 +62,42 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+# Pythia architectures (hidden, layers, heads, MLP width), from the Pythia suite's configs.
+PYTHIA = {"pythia-410m-arch": (1024, 24, 16, 4096), "pythia-1b-arch": (2048, 16, 8, 8192)}
+
+
+def pythia_config(name: str, vocab_size: int = 50304):
+    from transformers import GPTNeoXConfig
+
+    hidden, layers, heads, mlp = PYTHIA[name]
+    return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, intermediate_size=mlp, max_position_embeddings=2048,
+                         rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+
+
 def build_model(name: str):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXForCausalLM
 
     from props_ray.config import JobConfig
     from props_ray.embedded.model import build_tiny_model, build_tokenizer
     from props_ray.modeling import LORA_TARGETS
     from props_ray.reference import embedded_task
 
-    if name == "tiny":
+    if name in PYTHIA:  # a Pythia architecture, random init
+        torch.manual_seed(0)
+        base = GPTNeoXForCausalLM(pythia_config(name))
+        vocab = base.config.vocab_size
+        targets = LORA_TARGETS["gpt_neox"]
+    elif name == "tiny":
         cfg = JobConfig(name="bench", methods=[{"method": "dpsgd"}])
         vocab = len(build_tokenizer(embedded_task(cfg)))
         base = build_tiny_model(vocab, cfg.model.tiny.hidden_size, cfg.model.tiny.num_layers,
                                 cfg.model.tiny.num_heads)
         targets = LORA_TARGETS["gpt_neox"] + ["lm_head"]
-    else:  # Pythia-410m architecture, random init
-        torch.manual_seed(0)
-        vocab = 50304
-        base = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=1024, num_hidden_layers=24,
-                                                num_attention_heads=16, intermediate_size=4096,
-                                                max_position_embeddings=2048, rotary_pct=0.25,
-                                                use_parallel_residual=True, tie_word_embeddings=False))
-        targets = LORA_TARGETS["gpt_neox"]
+    else:
+        raise ValueError(f"unknown bench model {name!r}: tiny or one of {sorted(PYTHIA)}")
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                                             task_type="CAUSAL_LM"))
     return model, vocab
@@ -109,8 +121,11 @@ def make_batch(n: int, length: int, vocab: int, device):
     return {k: v.to(device) for k, v in out.items()}
 
 
-def make_step(model_name: str, mode: str, batch: int, length: int, device):
-    """(step function returning (total seconds, reference-forward seconds), trainable count, total count)."""
+def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype: str = "float32"):
+    """(step function returning (total seconds, reference-forward seconds), trainable count, total count).
+
+    ``dtype`` bfloat16/float16: the forwards run under autocast on CUDA, as the training loop runs them
+    with ``model.dtype`` set (weights stay float32)."""
     import torch
 
     from props_ray.dpo.logprobs import pair_logprobs
@@ -150,13 +165,20 @@ def make_step(model_name: str, mode: str, batch: int, length: int, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None and device.type == "cuda")
+
     def step():
         sync()
         t0 = time.perf_counter()
-        ref_c, ref_r = reference.pair_logprobs(data)
+        with autocast():
+            ref_c, ref_r = reference.pair_logprobs(data)
         sync()
         t1 = time.perf_counter()
-        pol_c, pol_r = pair_logprobs(model, data)
+        with autocast():
+            pol_c, pol_r = pair_logprobs(model, data)
         per_pair = dpo_loss("sigmoid", implicit_reward_margin(pol_c, pol_r, ref_c, ref_r), 0.1)
         backward_and_step(per_pair)
         sync()
@@ -171,14 +193,15 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def measure_memory(model_name: str, mode: str, batch: int, length: int, steps: int, warmup: int) -> dict:
+def measure_memory(model_name: str, mode: str, batch: int, length: int, steps: int, warmup: int,
+                   dtype: str = "float32") -> dict:
     """Peak memory of one mode alone in this process (see the module docstring)."""
     import gc
 
     import torch
 
     device = _device()
-    step, trainable, total = make_step(model_name, mode, batch, length, device)
+    step, trainable, total = make_step(model_name, mode, batch, length, device, dtype)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -194,11 +217,11 @@ def measure_memory(model_name: str, mode: str, batch: int, length: int, steps: i
             "total_params": total, "device": device.type}
 
 
-def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: int) -> dict:
+def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: int, dtype: str = "float32") -> dict:
     """Both modes in one process on identical model copies, steps interleaved (alternating which goes
     first), so a busy machine slows both alike; medians of per-step times."""
     device = _device()
-    steps_fn = {m: make_step(model_name, m, batch, length, device)[0] for m in ("nonprivate", "dpsgd")}
+    steps_fn = {m: make_step(model_name, m, batch, length, device, dtype)[0] for m in ("nonprivate", "dpsgd")}
     times: dict = {m: [] for m in steps_fn}
     for i in range(warmup + steps):
         order = ("nonprivate", "dpsgd") if i % 2 == 0 else ("dpsgd", "nonprivate")
@@ -215,10 +238,12 @@ def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: i
 
 # --------------------------------------------------------------------------- driver
 
-def run_child(args, what: str, model: str, mode: str, batch: int, length: int, steps: int, warmup: int) -> dict:
+def run_child(args, what: str, model: str, mode: str, batch: int, length: int, steps: int, warmup: int,
+              dtype: str = "float32") -> dict:
     """One measurement in a fresh subprocess (``args.threads`` torch threads)."""
     cmd = [sys.executable, "-m", "props_ray.bench.dp_overhead", "--child", what, model, mode, "--batch", str(batch),
-           "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads)]
+           "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads),
+           "--dtype", dtype]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -273,6 +298,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1, what each Ray Train worker uses with cpus_per_worker=1)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="autocast precision of the forwards on CUDA (weights stay float32)")
     ap.add_argument("--large-on-cpu", action="store_true",
                     help="also run the Pythia-410m-architecture model without CUDA (slow)")
     args = ap.parse_args(argv)
@@ -282,9 +309,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
         what, model, mode = args.child
         if what == "time":
-            print(json.dumps(measure_time(model, args.batch, args.length, args.steps, args.warmup)))
+            print(json.dumps(measure_time(model, args.batch, args.length, args.steps, args.warmup, args.dtype)))
         else:
-            print(json.dumps(measure_memory(model, mode, args.batch, args.length, args.steps, args.warmup)))
+            print(json.dumps(measure_memory(model, mode, args.batch, args.length, args.steps, args.warmup,
+                                            args.dtype)))
         return
 
     import torch
@@ -300,8 +328,8 @@ def main(argv=None) -> None:
     print(f"device: {'cuda ' + torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"{args.threads} CPU thread(s)")
     for model, batch, length, steps, warmup in runs:
-        t = run_child(args, "time", model, "both", batch, length, steps, warmup)
-        mem = {m: run_child(args, "memory", model, m, batch, length, min(steps, 5), warmup)
+        t = run_child(args, "time", model, "both", batch, length, steps, warmup, args.dtype)
+        mem = {m: run_child(args, "memory", model, m, batch, length, min(steps, 5), warmup, args.dtype)
                for m in ("nonprivate", "dpsgd")}
         print(f"\n({steps} timed steps per mode, interleaved, after {warmup} warm-up steps)", end="")
         report(model, batch, length, t, mem)

@@ -9,7 +9,9 @@ on a timing.
   (:mod:`props_ray.bench.throughput`);
 - ``dp_overhead``: DP-SGD step time and peak memory over non-private
   (:mod:`props_ray.bench.dp_overhead`);
-- ``relabel``: Ray Data actor-pool scoring vs a plain loop (:mod:`props_ray.bench.relabel`).
+- ``relabel``: Ray Data actor-pool scoring vs a plain loop (:mod:`props_ray.bench.relabel`);
+- ``gpu``: a Pythia-1B-architecture model in bf16 on CUDA: pairs/s, tokens/s, MFU and the DP-SGD
+  ratio (:mod:`props_ray.bench.gpu`); skipped, and said so, without a CUDA device.
 
 ``--quick`` shrinks every section (a reduced demo, fewer pairs and steps) to
 finish in a few minutes on a 2-core CPU; the full suite runs ``jobs/demo.yaml``
@@ -25,7 +27,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-SECTIONS = ("demo", "throughput", "dp_overhead", "relabel")
+SECTIONS = ("demo", "throughput", "dp_overhead", "relabel", "gpu")
 GOALS = {"throughput": (">=", 1.2), "dp_time": ("<=", 1.10), "dp_memory": ("<=", 1.3), "relabel": (">=", 0.9),
          "demo_s": ("<=", 180.0)}
 
@@ -34,7 +36,7 @@ SIZES = {
     # --quick: PROPS alone with K = 2 (two training runs and a relabel), fewer pairs and prompts.
     "demo_overrides": (["data.num_pairs=900", "data.eval_prompts=64", "stages=2", "methods=[{method: props}]"], []),
     "throughput_pairs": (512, 2048), "throughput_epochs": (2, 3),
-    "dp_steps": (8, 30), "relabel_pairs": (1024, 4096),
+    "dp_steps": (8, 30), "relabel_pairs": (1024, 4096), "gpu_steps": (5, 10),
 }
 
 
@@ -114,6 +116,12 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
         say(f"[bench] relabel: {n} pairs, batch 128, one actor vs a plain loop; then the CPU path (tasks)")
         report["sections"]["relabel"] = relabel.measure(cfg, base, pairs)
 
+    if "gpu" in sections:
+        from props_ray.bench import gpu
+
+        say("[bench] gpu: Pythia-1B architecture, bf16 autocast, 8 pairs x 512 tokens")
+        report["sections"]["gpu"] = gpu.measure(steps=_size("gpu_steps", quick))
+
     report["bench_seconds"] = time.time() - t_all
     print(format_report(report))
     if json_path:
@@ -149,6 +157,11 @@ def format_report(report: dict) -> str:
         r = s["relabel"]
         rows.append(["Relabel throughput (pairs/s per actor)", f"{r['ray_data_pairs_per_s']:.0f}",
                      f"plain loop {r['plain_loop_pairs_per_s']:.0f}", f"{r['ratio']:.2f}x", verdict("relabel", r["ratio"])])
+    if "gpu" in s and "skipped" not in s["gpu"]:
+        g = s["gpu"]
+        rows.append([f"GPU DP-SGD step time (ms, {g['model']})", f"{g['dpsgd']['step_ms']:.1f}",
+                     f"non-private {g['nonprivate']['step_ms']:.1f}", f"{g['time_ratio']:.2f}x",
+                     verdict("dp_time", g["time_ratio"])])
     if "demo" in s:
         d = s["demo"]
         rows.append([f"Demo wall time (s){' (reduced)' if report['quick'] else ''}", f"{d['wall_s']:.0f}", "-", "-",
@@ -170,6 +183,10 @@ def format_report(report: dict) -> str:
         lines.append(f"relabel on CPUs (model-caching tasks, a new stage model each): start-up "
                      f"{r['tasks_startup_first_s']:.1f}s the first time, {r['tasks_startup_next_s']:.1f}s the next, "
                      f"which took {r['tasks_wall_next_s']:.1f}s in all")
+    if "gpu" in s:
+        from props_ray.bench.gpu import format_lines
+
+        lines += format_lines(s["gpu"])
     if "demo" in s:
         d = s["demo"]
         lines.append(f"demo breakdown ({d['job']}{' ' + ' '.join(d['overrides']) if d['overrides'] else ''}): "

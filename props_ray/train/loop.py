@@ -108,8 +108,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for physical_batches in engine.logical_batches(shard, epoch, device):
                 stats = torch.zeros(4, device=device)  # loss sum, correct, margin sum, pairs
                 for batch in physical_batches:
-                    ref_c, ref_r = reference.pair_logprobs(batch)
+                    # Reference and policy in the same precision, so an unchanged policy has margin 0.
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                        ref_c, ref_r = reference.pair_logprobs(batch)
                         pol_c, pol_r = pair_logprobs(model, batch)
                     margin = implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
                     per_pair = dpo_loss(loss_name, margin, cfg.train.beta, flip_rate=flip_rate,

@@ -1,0 +1,120 @@
+"""GPU figures: DPO steps of a Pythia-1B-architecture model in bf16, non-private and DP-SGD.
+
+    props-ray bench --only gpu                 (says "skipped" without a CUDA device)
+    python -m props_ray.bench.gpu [--batch 8] [--length 512] [--steps 10] [--peak-tflops X]
+
+The weights are random (the hub is not needed to time a step). The step is the
+training loop's, as :mod:`props_ray.bench.dp_overhead` runs it on a fixed batch:
+reference log-probs with the adapters off, the policy forward of the 2B rows, the
+DPO loss, backward and AdamW. Non-private steps clip globally; DP-SGD steps take
+per-pair samples, clip them and add noise. LoRA (r = 8) sits on attention and MLP.
+Weights stay float32 and the forwards run under bf16 autocast, as a job with
+``model.dtype: bfloat16`` runs them.
+
+Per mode it reports step time, pairs/s, tokens/s (2 rows x ``length`` tokens a
+pair) and peak memory, plus the DP-SGD/non-private step-time ratio. MFU is model
+FLOPs per step / step time / the GPU's dense bf16 peak. Model FLOPs count three
+forward passes' worth per token: the reference forward, the policy forward, and
+the policy backward to the activations (the frozen base needs no weight
+gradients; LoRA's are negligible). A forward is ``2 x matmul weights + 4 x layers
+x length x hidden`` FLOPs per token (PaLM's convention, causal masking not
+halved). DP-SGD's extra work is overhead, not model FLOPs, so both modes count
+the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+# Dense bf16 peak TFLOPS by device name (NVIDIA data sheets, no sparsity); others need --peak-tflops.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+                    ("A100", 312.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def matmul_weights(config) -> int:
+    """Weights used in matrix products per token (GPT-NeoX): attention, MLP and the output head."""
+    d, layers, mlp, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    return layers * (4 * d * d + 2 * d * mlp) + d * vocab
+
+
+def forward_flops_per_token(config, length: int) -> int:
+    return 2 * matmul_weights(config) + 4 * config.num_hidden_layers * length * config.hidden_size
+
+
+def step_flops(config, pairs: int, length: int) -> int:
+    """Model FLOPs of one DPO step (see the module docstring): three forwards' worth over 2 x pairs rows."""
+    return 3 * forward_flops_per_token(config, length) * 2 * pairs * length
+
+
+def measure(model: str = "pythia-1b-arch", batch: int = 8, length: int = 512, steps: int = 10, warmup: int = 3,
+            dtype: str = "bfloat16", peak: float | None = None, require_cuda: bool = True) -> dict:
+    """Step times, throughput, MFU and peak memory per mode; ``{"skipped": why}`` without CUDA."""
+    import torch
+
+    from props_ray.bench import dp_overhead
+
+    if not torch.cuda.is_available() and require_cuda:
+        return {"skipped": "no CUDA device"}
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = peak or peak_tflops(device_name)
+    args = argparse.Namespace(threads=torch.get_num_threads())
+    t = dp_overhead.run_child(args, "time", model, "both", batch, length, steps, warmup, dtype)
+    mem = {m: dp_overhead.run_child(args, "memory", model, m, batch, length, min(steps, 5), warmup, dtype)
+           for m in ("nonprivate", "dpsgd")}
+    if model in dp_overhead.PYTHIA:
+        config = dp_overhead.pythia_config(model)
+    else:
+        config = dp_overhead.build_model(model)[0].base_model.model.config
+    flops = step_flops(config, batch, length)
+    out = {"model": model, "device": device_name, "dtype": dtype, "pairs_per_step": batch, "tokens_per_row": length,
+           "timed_steps": steps, "flops_per_step": flops, "peak_tflops": peak,
+           "time_ratio": t["dpsgd"]["step_s"] / t["nonprivate"]["step_s"]}
+    for m in ("nonprivate", "dpsgd"):
+        s = t[m]["step_s"]
+        out[m] = {"step_ms": s * 1e3, "pairs_per_s": batch / s, "tokens_per_s": 2 * batch * length / s,
+                  "mfu": flops / s / (peak * 1e12) if peak else None, "peak_memory_mib": mem[m]["peak_mib"]}
+    return out
+
+
+def format_lines(g: dict) -> list[str]:
+    if "skipped" in g:
+        return [f"gpu: skipped ({g['skipped']}); the Pythia-1B-architecture figures need a CUDA device"]
+    lines = [f"gpu: {g['model']} on {g['device']}, {g['dtype']} autocast, {g['pairs_per_step']} pairs x 2 rows x "
+             f"{g['tokens_per_row']} tokens, {g['timed_steps']} timed steps"]
+    for m in ("nonprivate", "dpsgd"):
+        r = g[m]
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "- (unknown peak: --peak-tflops)"
+        lines.append(f"  {m:<10} {r['step_ms']:8.1f} ms/step  {r['pairs_per_s']:8.1f} pairs/s  "
+                     f"{r['tokens_per_s']:10.0f} tokens/s  MFU {mfu}  peak memory {r['peak_memory_mib']:.0f} MiB")
+    lines.append(f"  DP-SGD / non-private step time {g['time_ratio']:.2f}x (goal <= 1.10)")
+    return lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="pythia-1b-arch")
+    ap.add_argument("--batch", type=int, default=8, help="pairs per step")
+    ap.add_argument("--length", type=int, default=512, help="tokens per row")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense peak for this dtype")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    g = measure(args.model, args.batch, args.length, args.steps, args.warmup, args.dtype, args.peak_tflops)
+    print("\n".join(format_lines(g)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(g, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

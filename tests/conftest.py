@@ -42,6 +42,32 @@ def tiny_job_raw(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def stage_adapter(tmp_path_factory):
+    """A tiny reference model and a LoRA adapter with non-zero weights (so it changes the outputs):
+    (base path, adapter path, the embedded task)."""
+    import torch
+
+    from props_ray.config import ModelConfig
+    from props_ray.embedded.model import build_tiny_model, build_tokenizer
+    from props_ray.embedded.task import EmbeddedTask
+    from props_ray.modeling import build_policy
+
+    d = tmp_path_factory.mktemp("stage")
+    task = EmbeddedTask()
+    tok = build_tokenizer(task)
+    build_tiny_model(len(tok), 32, 1, 2).save_pretrained(d / "base")
+    tok.save_pretrained(d / "base")
+    policy = build_policy(str(d / "base"), ModelConfig())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    policy.save_pretrained(d / "adapter")
+    return str(d / "base"), str(d / "adapter"), task
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config._props_ray_exitstatus = int(exitstatus)
 

@@ -1,7 +1,6 @@
 """Batch inference: actors and model-caching tasks give the same outputs; the cache holds one model."""
 
 import pytest
-import torch
 
 from props_ray import batch_inference
 from props_ray.batch_inference import cached_instance, resolve_compute
@@ -37,24 +36,9 @@ def test_compute_defaults_to_actors_on_gpu_and_tasks_on_cpu():
 
 
 @pytest.fixture(scope="module")
-def generator_model(tmp_path_factory):
-    from props_ray.embedded.model import build_tiny_model, build_tokenizer
-    from props_ray.embedded.task import EmbeddedTask
-    from props_ray.modeling import build_policy
-
-    d = tmp_path_factory.mktemp("gen")
-    task = EmbeddedTask()
-    tok = build_tokenizer(task)
-    build_tiny_model(len(tok), 32, 1, 2).save_pretrained(d / "base")
-    tok.save_pretrained(d / "base")
-    policy = build_policy(str(d / "base"), ModelConfig())
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    policy.save_pretrained(d / "adapter")
-    return str(d / "base"), str(d / "adapter"), task.eval_prompts(40, 1)
+def generator_model(stage_adapter):
+    base, adapter, task = stage_adapter
+    return base, adapter, task.eval_prompts(40, 1)
 
 
 def test_generations_are_the_same_with_actors_and_tasks_and_any_batching(ray_local, generator_model):

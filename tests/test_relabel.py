@@ -3,33 +3,16 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from props_ray.config import ModelConfig
-from props_ray.data.tokenize_step import tokenize_batch, to_training_dataset
+from props_ray.data.tokenize_step import to_training_dataset, tokenize_batch
 from props_ray.relabel import StageScorer, apply_combination, score_partition
 
 
 @pytest.fixture(scope="module")
-def stage_model(tmp_path_factory):
-    """A tiny reference model and a LoRA adapter with non-zero weights (so margins are not 0)."""
-    from props_ray.embedded.model import build_tiny_model, build_tokenizer
-    from props_ray.embedded.task import EmbeddedTask
-    from props_ray.modeling import build_policy
-
-    d = tmp_path_factory.mktemp("stage")
-    task = EmbeddedTask()
-    tok = build_tokenizer(task)
-    build_tiny_model(len(tok), 32, 1, 2).save_pretrained(d / "base")
-    tok.save_pretrained(d / "base")
-    policy = build_policy(str(d / "base"), ModelConfig())
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    policy.save_pretrained(d / "adapter")
-    return str(d / "base"), str(d / "adapter"), task.preference_pairs(300, 5)
+def stage_model(stage_adapter):
+    base, adapter, task = stage_adapter
+    return base, adapter, task.preference_pairs(300, 5)
 
 
 @pytest.mark.parametrize("compute", ["actors", "tasks"])

@@ -87,8 +87,9 @@ def measure(model: str = "pythia-1b-arch", batch: int = 8, length: int = 512, st
 def format_lines(g: dict) -> list[str]:
     if "skipped" in g:
         return [f"gpu: skipped ({g['skipped']}); the Pythia-1B-architecture figures need a CUDA device"]
-    lines = [f"gpu: {g['model']} on {g['device']}, {g['dtype']} autocast, {g['pairs_per_step']} pairs x 2 rows x "
-             f"{g['tokens_per_row']} tokens, {g['timed_steps']} timed steps"]
+    head = (f"gpu: {g['model']} on {g['device']}, {g['dtype']} autocast, {g['pairs_per_step']} pairs x 2 rows x "
+            f"{g['tokens_per_row']} tokens, {g['timed_steps']} timed steps")
+    lines = [head]
     for m in ("nonprivate", "dpsgd"):
         r = g[m]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "- (unknown peak: --peak-tflops)"

@@ -33,7 +33,7 @@ class PairGradSampleModule(GradSampleModule):
     ``loss_reduction='sum'``: the engine back-propagates the *sum* of per-pair
     losses, so the samples need no rescaling (Opacus's 'mean' would multiply them
     by the number of rows). ``.module`` is the wrapped policy (what
-    ``save_policy`` and ``Reference`` use).
+    ``save_policy`` saves; the ``Reference`` is built on the policy before it is wrapped).
     """
 
     def __init__(self, module: torch.nn.Module, strict: bool = True):
@@ -61,9 +61,6 @@ class PairGradSampleModule(GradSampleModule):
     @property
     def module(self) -> torch.nn.Module:
         return self._module
-
-    def disable_adapter(self):
-        return self._module.disable_adapter()
 
 
 def _pairs(rows: int) -> int:

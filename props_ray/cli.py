@@ -10,7 +10,8 @@ import sys
 import time
 
 from props_ray.bench.suite import SECTIONS as BENCH_SECTIONS
-from props_ray.config import ConfigError, load_job
+from props_ray.config import load_job
+from props_ray.errors import UserError
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -20,12 +21,27 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
+    """The config, then the data step of every variant (data, partitions, delta, the ledger's plan):
+    everything a run would refuse, without starting Ray or drawing a label."""
+    from props_ray.data.prepare import label_epsilon_max, prepare_data
+
     cfg = load_job(args.job, args.overrides)
     trials = cfg.trials()
     print(f"{args.job}: valid job '{cfg.name}' with {len(trials)} trial(s): "
           + ", ".join(f"{m.display_name}" + ("" if e is None else f"@eps={e:g}") for m, e in trials)
           + (f"; x {len(cfg.variants())} sweep variants (seeds {[v.seed for v in cfg.variants()]}, "
              f"K {[v.stages for v in cfg.variants()]})" if cfg.is_sweep else ""))
+    if cfg.privacy_status != "private":
+        print(f"randomness: seeded ({cfg.privacy_status}): RR labels and DP-SGD noise can be replayed from the seed")
+    for variant in cfg.variants():
+        data = prepare_data(variant)
+        eps = label_epsilon_max(variant)
+        plan = {"none": "has no label-DP trial", "reuse": f"reuses it for epsilon <= {eps:g}" if eps else "",
+                "draw": f"draws at epsilon {eps:g}" if eps else ""}[data.ledger_action]
+        print(f"data (seed {variant.seed}, K = {variant.stages}): {data.num_pairs} training pairs from {data.source} "
+              f"in partitions {[len(p) for p in data.partitions]}, {len(data.eval_prompts)} held-out prompts"
+              + (f", {len(data.skipped)} rows skipped" if data.skipped else ""))
+        print(f"  {data.ledger.describe()}; this job {plan}")
     return 0
 
 
@@ -121,20 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     try:
         return args.fn(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:  # bad input or a refusal: one message, no traceback
+        cause = getattr(err, "cause", None)  # raised in a Ray task: Ray wraps it with the task's traceback
+        print(f"error: {cause if isinstance(cause, UserError) else err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        from props_ray.data.privatize import PrivatizedLabelsError
-        from props_ray.tracking import TrackingUnavailable
-
-        from props_ray.privacy.accounting import PrivacyConfigError
-        from props_ray.storage import StorageError
-
-        if isinstance(err, (TrackingUnavailable, PrivatizedLabelsError, PrivacyConfigError, StorageError)):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

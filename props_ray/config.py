@@ -14,8 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from props_ray.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A job file or override that does not validate; the message names the field."""
 
 
@@ -108,7 +110,7 @@ class TrainConfig(_Section):
 class DPSGDConfig(_Section):
     """DP-SGD settings (method 'dpsgd')."""
 
-    delta: float | None = Field(None, gt=0, lt=1, description="default 1/N, N = pairs trained on")
+    delta: float | None = Field(None, gt=0, lt=1, description="default N^-1.1 (strictly below 1/N), N = pairs trained on")
     max_grad_norm: float = Field(1.0, gt=0, description="per-pair clipping norm C")
     noise_multiplier: float | None = Field(None, ge=0, description="fixed sigma instead of calibrating it to epsilon")
     expected_batch_size: int | None = Field(None, gt=0, description="default train.batch_size")
@@ -132,8 +134,10 @@ class MethodConfig(_Section):
     @field_validator("epsilons")
     @classmethod
     def _eps(cls, v):
-        if v is not None and any(not (e > 0) for e in v):
-            raise ValueError("every epsilon must be > 0")
+        if v is not None and not v:
+            raise ValueError("an empty list runs no trial of this method; leave it out to use privacy.epsilons")
+        if v is not None and any(not (e > 0 and math.isfinite(e)) for e in v):
+            raise ValueError("every epsilon must be a finite number > 0")
         return v
 
     @model_validator(mode="after")
@@ -156,14 +160,22 @@ class MethodConfig(_Section):
 class PrivacyConfig(_Section):
     epsilons: list[float] = Field(default_factory=lambda: [0.5])
     secure_randomness: bool | None = Field(
-        None, description="draw RR from OS randomness; default: on for real data, seeded for the embedded task")
+        None, description="RR flips, keys, Poisson sampling and DP-SGD noise from the OS CSPRNG, no seed written; "
+                          "default: on for real data, seeded (reproducible, not private) for the embedded task")
+    acknowledge_seeded_randomness: bool = Field(
+        False, description="required with secure_randomness: false on real data: seeded draws can be replayed "
+                           "from the seed, so such runs are not private (tagged so in MLflow and the report)")
+    accept_new_draw: int | None = Field(
+        None, gt=0, description="opt in to the ledger's draw number N: a new RR draw of labels already drawn, "
+                                "which adds its epsilon to the dataset's cumulative label-epsilon "
+                                "(the refusal that needs it names N)")
     dpsgd: DPSGDConfig = DPSGDConfig()
 
     @field_validator("epsilons")
     @classmethod
     def _eps(cls, v):
-        if not v or any(not (e > 0) for e in v):
-            raise ValueError("epsilons must be a non-empty list of numbers > 0")
+        if not v or any(not (e > 0 and math.isfinite(e)) for e in v):
+            raise ValueError("epsilons must be a non-empty list of finite numbers > 0")
         return v
 
 
@@ -229,6 +241,16 @@ class JobConfig(_Section):
         if self.data.source != "embedded" and self.eval.judge == "oracle":
             raise ValueError("eval.judge 'oracle' only exists for data.source 'embedded'; "
                              "give a reward-model id or path")
+        if self.model.gradient_checkpointing and any(m.method == "dpsgd" for m in self.methods):
+            raise ValueError("model.gradient_checkpointing cannot be used with method 'dpsgd' (Opacus's per-pair "
+                             "hooks would see each forward twice); set model.gradient_checkpointing: false "
+                             "or run dpsgd in a job of its own")
+        if (self.data.source != "embedded" and self.privacy.secure_randomness is False
+                and not self.privacy.acknowledge_seeded_randomness):
+            raise ValueError("privacy.secure_randomness: false on real data makes every RR label, stage key and "
+                             "DP-SGD noise replayable from the seed: the run is not private. Set "
+                             "privacy.acknowledge_seeded_randomness: true to run it anyway (it is tagged "
+                             "'not private'), or leave privacy.secure_randomness unset")
         return self
 
     # -- derived ------------------------------------------------------------
@@ -244,6 +266,13 @@ class JobConfig(_Section):
     def secure_randomness(self) -> bool:
         s = self.privacy.secure_randomness
         return (not self.is_embedded) if s is None else s
+
+    @property
+    def privacy_status(self) -> str:
+        """'private' (secure randomness), 'simulation' (embedded, seeded) or 'not private' (real data, seeded)."""
+        if self.secure_randomness:
+            return "private"
+        return "simulation" if self.is_embedded else "not private"
 
     @property
     def want_label_accuracy(self) -> bool:

@@ -9,9 +9,14 @@ A trial trains through the K stage partitions:
   combined with the RR label, and DPO continues from the stage k-1 model;
 - ``dpsgd``: DPO with DP-SGD on the raw labels of all partitions.
 
+The data step runs first, for every variant, before Ray starts: a job that
+would be refused (bad data, a delta of 1/N or more, a ledger refusal) spends
+nothing. RR labels come from the dataset's privacy ledger
+(:mod:`props_ray.data.ledger`): one draw per dataset at the largest epsilon,
+made in the driver before any trial starts; trials only read it.
+
 Everything a trial produces is written under ``JOB_DIR/trials/TRIAL``; a re-run
-of the same job skips what is complete and resumes the rest, reusing the
-persisted RR labels.
+of the same job skips what is complete and resumes the rest.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from typing import Callable
 
 import pandas as pd
 
+from props_ray import metrics as M
 from props_ray.config import JobConfig, MethodConfig, dump_job
-from props_ray.data.prepare import prepare_data
-from props_ray.data.privatize import privatize_partition
+from props_ray.data.prepare import PreparedData, label_epsilon_max, prepare_data
 from props_ray.data.tokenize_step import to_training_dataset
 from props_ray.privacy.randomized_response import flip_probability
 from props_ray.win_rate import WinRate, label_accuracy, win_rate
@@ -54,7 +59,7 @@ class TrialResult:
                 "epsilon": "inf" if self.epsilon is None else self.epsilon, "stages": self.stages,
                 "label_accuracy": self.label_accuracy, "win_rate": self.win.win_rate,
                 "win_rate_ci_low": self.win.ci_low, "win_rate_ci_high": self.win.ci_high,
-                **{k: v for k, v in self.extra.items() if k in ("final_epsilon", "delta")}}
+                **{k: v for k, v in self.extra.items() if k in (M.EPSILON_SPENT, M.DELTA)}}
 
 
 def trial_name(method: MethodConfig, epsilon: float | None) -> str:
@@ -71,8 +76,8 @@ class Job:
         self.say = progress
         self.job_dir = cfg.job_dir.resolve()
         self.timings: dict[str, float] = {}
-        self.may_draw = True  # only the driver draws RR labels; trial tasks read them back
         self.in_task = False  # True in a trial running as a Ray task, beside other trials
+        self.prepared: list[PreparedData] = []  # the data step of every variant, done before Ray starts
 
     # -- the whole job ----------------------------------------------------------
     def run(self) -> list[TrialResult]:
@@ -80,6 +85,9 @@ class Job:
         from props_ray.tracking import Tracker
 
         cfg = self.cfg
+        t = time.time()
+        self.prepared = self.preflight(cfg)  # every data-dependent refusal comes before anything is spent
+        self.timings["data_step"] = time.time() - t
         self.job_dir.mkdir(parents=True, exist_ok=True)
         t = time.time()
         # Ray starts while the tracking store opens (a new sqlite store migrates its schema, ~3 s here):
@@ -91,9 +99,10 @@ class Job:
             self.tracker = tracker.result()
         self.timings["ray_start"] = time.time() - t
         self.tracker.flush()
-        self.job_run = self.tracker.run(cfg.name, cfg.name, tags={"props_ray.kind": "job"})
+        self.job_run = self.tracker.run(cfg.name, cfg.name, tags={"props_ray.kind": "job",
+                                                                  M.PRIVACY_TAG: cfg.privacy_status})
         self.tracker.params(self.job_run, {"stages": cfg.stages, "seed": cfg.seed, "data_source": cfg.data.source,
-                                           "model": cfg.model.name})
+                                           "model": cfg.model.name, "secure_randomness": cfg.secure_randomness})
         config_path = self.job_dir / "job.yaml"
         config_path.write_text(dump_job(cfg))
         self.tracker.artifact(self.job_run, config_path)
@@ -107,8 +116,8 @@ class Job:
             raise
 
         results = []
-        for variant in cfg.variants():
-            self.cfg = variant
+        for variant, data in zip(cfg.variants(), self.prepared):
+            self.cfg, self.data = variant, data
             self.suffix = ""
             if cfg.is_sweep:
                 self.suffix = (f"-seed{variant.seed}" if len(cfg.sweep.seeds or [cfg.seed]) > 1 else "") + \
@@ -123,6 +132,17 @@ class Job:
         self.tracker.flush()
         return results
 
+    def preflight(self, cfg: JobConfig) -> list[PreparedData]:
+        """The data step of every variant: load, ledger checks, hold-out, partitions, N-dependent checks.
+        Raises a :class:`~props_ray.errors.UserError` before any draw, training or Ray start. Writes only
+        a new ledger's keys (stage assignment depends on them), never a draw."""
+        out = []
+        for variant in cfg.variants():
+            data = prepare_data(variant)
+            data.ledger.save()  # a later variant on the same data must see the same keys
+            out.append(data)
+        return out
+
     def _run_variant(self) -> list[TrialResult]:
         from props_ray.reference import resolve_reference
 
@@ -133,17 +153,27 @@ class Job:
         self.say(f"reference model: {self.base_path} ({time.time() - t:.1f}s)")
 
         t = time.time()
-        self._load_data()
+        self.judge = self._judge()
+        self.reference_scores = self._reference_scores()
         self.say(f"data: {self.data.num_pairs} pairs from {self.data.source} in {cfg.stages} partitions "
                  f"{[len(p) for p in self.data.partitions]}, {len(self.data.eval_prompts)} held-out prompts"
                  + (f", {len(self.data.skipped)} rows skipped" if self.data.skipped else ""))
         self.timings[f"data_and_reference_eval{self.suffix}"] = time.time() - t
 
+        # RR labels: the ledger's one draw, made here in the driver and persisted before any trial starts
+        # (trials running at once all read the same draw; a trial task never draws).
+        ledger = self.data.ledger
+        draw = ledger.ensure_draw(self.data.dataset, label_epsilon_max(cfg),
+                                  accept_new_draw=cfg.privacy.accept_new_draw, seed=cfg.seed, job=self.job_cfg.name)
+        if draw is not None:
+            self.say(f"privacy ledger: {ledger.describe()}")
+            self.tracker.params(self.job_run, {f"ledger_id{self.suffix}": ledger.ledger_id})
+            self.tracker.metrics(self.job_run, {f"ledger_draw{self.suffix}": draw.number,
+                                                f"ledger_draw_epsilon{self.suffix}": draw.epsilon,
+                                                f"{M.LABEL_EPSILON_CUMULATIVE}{self.suffix}": ledger.cumulative_epsilon},
+                                 step=draw.number)
+
         trials = cfg.trials()
-        # RR labels are drawn here, in the driver, once per (seed, K, epsilon) and persisted before any
-        # trial starts: trials running at once then all read the same draw, and none redraws it.
-        for method, eps in trials:
-            self._stage_inputs(method, eps)
         limit = self._concurrency(len(trials))
         if limit <= 1:
             return [self.run_trial(method, eps) for method, eps in trials]
@@ -151,7 +181,7 @@ class Job:
 
     def _load_data(self) -> None:
         """Data, judge and reference scores of the current variant (in the driver or a trial task)."""
-        self.data = prepare_data(self.cfg)
+        self.data = prepare_data(self.cfg)  # reads the ledger the driver wrote
         self.judge = self._judge()
         self.reference_scores = self._reference_scores()
 
@@ -223,7 +253,8 @@ class Job:
         state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
 
         run_id = self.tracker.run(f"{self.job_cfg.name}/{name}", name, parent=self.job_run,
-                                  tags={"props_ray.kind": "trial", "props_ray.method": method.method})
+                                  tags={"props_ray.kind": "trial", "props_ray.method": method.method,
+                                        M.PRIVACY_TAG: cfg.privacy_status})
         params = {"method": method.method, "method_name": method.display_name,
                   "epsilon": "inf" if epsilon is None else epsilon,
                   "stages": cfg.stages, "loss": self._stage_loss(method, 1), "beta": cfg.train.beta,
@@ -234,18 +265,29 @@ class Job:
             params["stage_loss"] = self._stage_loss(method, cfg.stages)
             if method.model_error_confidence is not None:
                 params["model_error_confidence"] = method.model_error_confidence
+        params["secure_randomness"] = cfg.secure_randomness
         if epsilon is not None and method.method != "dpsgd":
-            params["flip_probability"] = flip_probability(epsilon)
-            params["secure_randomness"] = cfg.secure_randomness
+            ledger = self.data.ledger
+            used = state.get("ledger_draw")
+            if used is not None and used != ledger.current.number and "result" not in state:
+                from props_ray.data.ledger import LedgerError
+
+                raise LedgerError(f"trial {name} started on the ledger's draw {used}, and the ledger now serves draw "
+                                  f"{ledger.current.number}: its checkpoints hold draw {used}'s labels. Give the job "
+                                  f"a new name to train on draw {ledger.current.number}")
+            if used is None:
+                state["ledger_draw"] = ledger.current.number
+                state_path.write_text(json.dumps(state, indent=1))
+            draw = ledger.draws[state["ledger_draw"] - 1]
+            params.update({"flip_probability": flip_probability(epsilon), "ledger_id": ledger.ledger_id,
+                           "ledger_draw": draw.number, "ledger_draw_epsilon": draw.epsilon})
         self.tracker.params(run_id, params)
+        if epsilon is not None and method.method != "dpsgd":
+            self.tracker.metrics(run_id, {M.LABEL_EPSILON_CUMULATIVE: self.data.ledger.cumulative_epsilon})
 
         if "result" in state:
             self.say(f"[{name}] already complete; reusing its results")
             return self._result_from_state(state["result"])
-        if method.method == "dpsgd":  # a bad delta is a config error now, not a worker failure later
-            from props_ray.privacy.accounting import resolve_delta
-
-            resolve_delta(cfg.privacy.dpsgd.delta, self.data.num_pairs)
         return run_id, name
 
     def execute_trial(self, method: MethodConfig, epsilon: float | None) -> dict:
@@ -310,8 +352,8 @@ class Job:
             acc = label_accuracy(pd.concat(used_pairs.values(), ignore_index=True), truth)
         extra = {k: v for k, v in final.get("metrics", {}).items() if k in ("epsilon", "delta", "noise_multiplier",
                                                                             "sample_rate", "steps")}
-        if "epsilon" in extra:
-            extra["final_epsilon"] = extra.pop("epsilon")
+        if "epsilon" in extra:  # the engine's running epsilon at the last step: what the trial spent
+            extra[M.EPSILON_SPENT] = extra.pop("epsilon")
         state["outcome"] = {"stage_info": {str(k): v for k, v in stage_info.items()},
                             "stage_pairs": {str(k): len(p) for k, p in used_pairs.items()},
                             "win": win.as_dict(), "label_accuracy": acc, "stage_label_accuracy": stage_acc,
@@ -339,13 +381,13 @@ class Job:
                                          "sample_rate": m.get("sample_rate"), "steps": m.get("steps"),
                                          "max_grad_norm": cfg.privacy.dpsgd.max_grad_norm,
                                          "delta": m.get("delta"), "accountant": cfg.privacy.dpsgd.accountant})
-            self.tracker.metrics(run_id, {"epsilon": m.get("epsilon")})
-        self.tracker.metrics(run_id, {"win_rate": win.win_rate, "win_rate_ci_low": win.ci_low,
-                                      "win_rate_ci_high": win.ci_high, "wins": win.wins, "ties": win.ties,
-                                      "losses": win.losses, "label_accuracy": acc,
+            self.tracker.metrics(run_id, {M.EPSILON_SPENT: extra.get(M.EPSILON_SPENT)})
+        self.tracker.metrics(run_id, {M.WIN_RATE: win.win_rate, M.WIN_RATE_CI_LOW: win.ci_low,
+                                      M.WIN_RATE_CI_HIGH: win.ci_high, "wins": win.wins, "ties": win.ties,
+                                      "losses": win.losses, M.LABEL_ACCURACY: acc,
                                       "eval_seconds": outcome["eval_seconds"]})
         for k, a in enumerate(stage_acc, start=1):
-            self.tracker.metrics(run_id, {"stage_label_accuracy": a}, step=k)
+            self.tracker.metrics(run_id, {M.STAGE_LABEL_ACCURACY: a}, step=k)
         self.tracker.artifact(run_id, final["model_path"], "adapter")
         state["result"] = {"trial": name, "method": method.method, "epsilon": epsilon, "stages": cfg.stages,
                            "win": win.as_dict(), "label_accuracy": acc, "stage_label_accuracy": stage_acc,
@@ -368,12 +410,8 @@ class Job:
             raw = self.data.partition(k)
             if method.method in ("nonprivate", "dpsgd"):
                 out[k] = raw[["id", "prompt", "chosen", "rejected"]]
-            else:
-                priv = privatize_partition(raw, job_dir=self.job_dir, seed=cfg.seed, epsilon=epsilon, stage=k,
-                                           stages=cfg.stages, secure=cfg.secure_randomness, draw=self.may_draw)
-                if priv.reused:
-                    log.info("reusing persisted RR labels %s", priv.path)
-                out[k] = priv.pairs
+            else:  # the ledger's draw, derived down to this epsilon (post-processing)
+                out[k] = self.data.ledger.labels(raw, epsilon)
         return out
 
     def _stage_loss(self, method: MethodConfig, stage: int) -> str:
@@ -519,8 +557,9 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
         acc = "-" if r["label_accuracy"] is None or pd.isna(r["label_accuracy"]) else f"{r['label_accuracy']:.3f}"
         half = (r["win_rate_ci_high"] - r["win_rate_ci_low"]) / 2
         eps = r["epsilon"]
-        if "final_epsilon" in r and r.get("final_epsilon") is not None and not pd.isna(r.get("final_epsilon")):
-            eps = f"{eps} (spent {r['final_epsilon']:.3f})"
+        spent = r.get(M.EPSILON_SPENT)
+        if spent is not None and not pd.isna(spent):
+            eps = f"{eps} (spent {spent:.4g})"
         rows.append([r["trial"], r["method"], str(eps), str(r["stages"]), acc,
                      f"{r['win_rate']:.3f} ± {half:.3f}"])
     head = ["trial", "method", "epsilon", "stages", "label accuracy", "win rate ± 95% CI"]
@@ -542,7 +581,7 @@ def _execute_trial_task(job_cfg: dict, variant_cfg: dict, suffix: str, base_path
     quiet_ray_libraries()
     job = Job(JobConfig.model_validate(job_cfg), progress=lambda m: print(m, flush=True))
     job.cfg = JobConfig.model_validate(variant_cfg)
-    job.suffix, job.base_path, job.may_draw, job.in_task = suffix, base_path, False, True
+    job.suffix, job.base_path, job.in_task = suffix, base_path, True
     job._load_data()
     outcome = job.execute_trial(MethodConfig.model_validate(method), epsilon)
     return outcome, job.timings

@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from props_ray import metrics as M
 from props_ray.tracking import KEY_TAG, PARENT_TAG
 
 KIND_TAG = "props_ray.kind"
 
 TRIAL_COLUMNS = ["run_id", "trial", "method_label", "method", "rule", "epsilon", "seed", "stages",
                  "win_rate", "win_rate_ci_low", "win_rate_ci_high", "label_accuracy",
-                 "stage_label_accuracy", "final_epsilon"]
+                 "stage_label_accuracy", M.EPSILON_SPENT, "privacy"]
 
 SUMMARY_COLUMNS = ["method_label", "epsilon", "stages", "n_seeds", "win_rate_mean", "win_rate_ci",
-                   "win_rate_trial_ci", "label_accuracy_mean", "label_accuracy_ci", "final_epsilon_mean"]
+                   "win_rate_trial_ci", "label_accuracy_mean", "label_accuracy_ci", f"{M.EPSILON_SPENT}_mean",
+                   "privacy"]
 
 # Reading order of methods in tables and legends: the ceiling first, then the label-DP methods.
 METHOD_ORDER = ("nonprivate", "rr", "props-mle", "props-posterior", "props", "dpsgd")
@@ -148,8 +150,9 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
     or the method), method, rule,
     epsilon (float, ``inf`` for the non-private baseline), seed (int; the job's seed when the trial
     has none), stages, win_rate, win_rate_ci_low, win_rate_ci_high, label_accuracy (NaN when not
-    logged, e.g. dpsgd), stage_label_accuracy (list ordered by step), final_epsilon (dpsgd's spent
-    epsilon, else NaN). Raises ValueError naming ``run_or_experiment`` when nothing matches.
+    logged, e.g. dpsgd), stage_label_accuracy (list ordered by step), epsilon_spent (dpsgd's spent
+    epsilon, else NaN), privacy (the run's ``props_ray.privacy`` tag: private, simulation or not
+    private). Raises ValueError naming ``run_or_experiment`` when nothing matches.
     """
     job = resolve_job_run(client, run_or_experiment)
     job_id = job.info.run_id
@@ -177,12 +180,13 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
             "epsilon": epsilon,
             "seed": int(seed) if seed is not None else pd.NA,
             "stages": int(stages) if stages is not None else pd.NA,
-            "win_rate": _float(m.get("win_rate")),
-            "win_rate_ci_low": _float(m.get("win_rate_ci_low")),
-            "win_rate_ci_high": _float(m.get("win_rate_ci_high")),
-            "label_accuracy": _float(m.get("label_accuracy")),
-            "stage_label_accuracy": _history(client, r.info.run_id, "stage_label_accuracy"),
-            "final_epsilon": _float(m.get("final_epsilon")),
+            "win_rate": _float(m.get(M.WIN_RATE)),
+            "win_rate_ci_low": _float(m.get(M.WIN_RATE_CI_LOW)),
+            "win_rate_ci_high": _float(m.get(M.WIN_RATE_CI_HIGH)),
+            "label_accuracy": _float(m.get(M.LABEL_ACCURACY)),
+            "stage_label_accuracy": _history(client, r.info.run_id, M.STAGE_LABEL_ACCURACY),
+            M.EPSILON_SPENT: _float(m.get(M.EPSILON_SPENT)),
+            "privacy": r.data.tags.get(M.PRIVACY_TAG, "unknown"),
         })
     df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     df["seed"] = df["seed"].astype("Int64")
@@ -222,7 +226,7 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
     half-width over seeds; 0 with one seed), win_rate_trial_ci (mean of the trials' own 95% CI
     half-widths, the evaluation noise within a trial: the uncertainty to quote with one seed),
     label_accuracy_mean, label_accuracy_ci (NaN where no trial logged label accuracy),
-    final_epsilon_mean (dpsgd). Sorted by method (nonprivate, rr, props-*, dpsgd, others) then epsilon.
+    epsilon_spent_mean (dpsgd), privacy (the trials' privacy tags). Sorted by method (nonprivate, rr, props-*, dpsgd, others) then epsilon.
     """
     if trials.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
@@ -243,7 +247,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             "win_rate_trial_ci": _mean(half),
             "label_accuracy_mean": _mean(g["label_accuracy"]) if "label_accuracy" in g else math.nan,
             "label_accuracy_ci": t_ci_half_width(g["label_accuracy"]) if "label_accuracy" in g else math.nan,
-            "final_epsilon_mean": _mean(g["final_epsilon"]) if "final_epsilon" in g else math.nan,
+            f"{M.EPSILON_SPENT}_mean": _mean(g[M.EPSILON_SPENT]) if M.EPSILON_SPENT in g else math.nan,
+            "privacy": ", ".join(sorted(set(g["privacy"].dropna()))) if "privacy" in g else "unknown",
         })
     s = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     s["stages"] = s["stages"].astype("Int64")
@@ -257,13 +262,15 @@ def format_epsilon(eps: float) -> str:
 
 
 def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
-    """method, ε, [K,] seeds, win rate mean ± 95% CI, label accuracy mean ± 95% CI.
+    """method, ε (with DP-SGD's spent ε), [K,] seeds, win rate mean ± 95% CI, label accuracy mean ± 95% CI,
+    and the privacy of the runs (``private``; ``simulation`` or ``not private`` for seeded randomness).
 
     The win-rate CI is over seeds; for a single seed it is the trial's own CI (marked †, with a note).
     Label accuracy with one seed is shown without a CI; ``-`` where it was not measured (dpsgd).
     """
     show_k = "stages" in summary and summary["stages"].dropna().nunique() > 1
-    head = ["method", "ε", *(["K"] if show_k else []), "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI"]
+    head = ["method", "ε", *(["K"] if show_k else []), "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI",
+            "privacy"]
     rows, single = [], False
     for r in summary.to_dict("records"):
         if r["n_seeds"] > 1:
@@ -279,8 +286,13 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
         else:
             acc_s = f"{acc:.3f} ± {acc_ci:.3f}"
         k = [] if not show_k else ["-" if pd.isna(r["stages"]) else str(int(r["stages"]))]
-        rows.append([str(r["method_label"]), format_epsilon(float(r["epsilon"])), *k, str(int(r["n_seeds"])),
-                     win, acc_s])
+        eps = format_epsilon(float(r["epsilon"]))
+        spent = r.get(f"{M.EPSILON_SPENT}_mean")
+        if spent is not None and not pd.isna(spent):
+            eps += f" (spent {spent:.4g})"
+        privacy = r.get("privacy")
+        privacy = "unknown" if privacy is None or (isinstance(privacy, float) and pd.isna(privacy)) else str(privacy)
+        rows.append([str(r["method_label"]), eps, *k, str(int(r["n_seeds"])), win, acc_s, privacy])
     note = "† one seed: the trial's own 95% CI over evaluation comparisons, not over seeds" if single else ""
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from props_ray.errors import UserError
+
 SHARED_ENV = "PROPS_RAY_SHARED_STORAGE"
 MOUNTS_FILE = "/proc/mounts"
 
@@ -39,7 +41,7 @@ NETWORK_FS_PREFIXES = ("fuse.",)
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-class StorageError(ValueError):
+class StorageError(UserError, ValueError):
     """Job storage that the cluster cannot use (named in the message)."""
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from props_ray.config import ConfigError, JobConfig, load_job
+from props_ray.errors import UserError
 
 DEFAULT_EXCLUDES = ["/.venv", "/runs", "/mlflow.db", "/mlruns", "/mlartifacts", ".git", "__pycache__",
                     ".pytest_cache", "*.egg-info"]
@@ -38,7 +39,7 @@ PASS_THROUGH_PREFIX = "PROPS_RAY_"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError, ValueError):
     """A submission that cannot be made as asked; the message says what to change."""
 
 

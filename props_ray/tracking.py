@@ -26,6 +26,8 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+from props_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 KEY_TAG = "props_ray.key"
@@ -33,7 +35,7 @@ PARENT_TAG = "mlflow.parentRunId"
 FORBIDDEN_PARAM_WORDS = ("raw_label", "true_label", "raw_chosen")
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     pass
 
 

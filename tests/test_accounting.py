@@ -50,7 +50,10 @@ def test_zero_steps_and_zero_noise():
 
 
 def test_resolve_delta_default_and_rejection():
-    assert resolve_delta(None, 600) == pytest.approx(1 / 600)
+    for n in (2, 10, 600, 3000, 160_000):  # the default is strictly below 1/N: N^-1.1
+        assert resolve_delta(None, n) == pytest.approx(n ** -1.1) and resolve_delta(None, n) < 1 / n
+        with pytest.raises(PrivacyConfigError, match=r"privacy\.dpsgd\.delta"):
+            resolve_delta(1 / n, n)  # the value the default used to be is refused
     assert resolve_delta(1e-5, 600) == 1e-5
     for bad in (1 / 600, 0.01):
         with pytest.raises(PrivacyConfigError, match=r"privacy\.dpsgd\.delta"):

@@ -30,6 +30,28 @@ def test_errors_name_the_field_and_value():
         validate_job({**BASE, "data": {"source": "x.jsonl"}})
 
 
+def test_refused_before_anything_needs_data():
+    """What validate refuses from the config alone (issue: privacy ledger)."""
+    with pytest.raises(ConfigError, match=r"model\.gradient_checkpointing cannot be used with method 'dpsgd'"):
+        validate_job({"name": "j", "model": {"gradient_checkpointing": True}, "methods": [{"method": "dpsgd"}]})
+    validate_job({"name": "j", "model": {"gradient_checkpointing": True}, "methods": [{"method": "rr"}]})
+    with pytest.raises(ConfigError, match=r"methods\.0\.epsilons.*empty list"):
+        validate_job({"name": "j", "methods": [{"method": "rr", "epsilons": []}]})
+    real = {"name": "j", "data": {"source": "x.jsonl"}, "eval": {"judge": "rm"}, "methods": [{"method": "rr"}]}
+    with pytest.raises(ConfigError, match=r"privacy\.acknowledge_seeded_randomness"):
+        validate_job({**real, "privacy": {"secure_randomness": False}})
+    cfg = validate_job({**real, "privacy": {"secure_randomness": False, "acknowledge_seeded_randomness": True}})
+    assert cfg.privacy_status == "not private"
+    assert validate_job(real).privacy_status == "private" and validate_job(BASE).privacy_status == "simulation"
+
+
+def test_every_job_file_passes_the_config_checks():
+    from pathlib import Path
+
+    for path in sorted(Path("jobs").glob("*.yaml")):
+        load_job(path)  # e.g. no job combines dpsgd with gradient checkpointing
+
+
 def test_overrides():
     raw = {"name": "j", "methods": [{"method": "props"}]}
     apply_override(raw, "train.num_workers=1")

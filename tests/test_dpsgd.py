@@ -455,3 +455,49 @@ def test_ray_accounting_per_stage_and_resume(ray_dpsgd_run):
     # stage-2 epoch-0 checkpoint, so the step counts above (8 and 32, neither reset nor double
     # counted) come from the accountant state restored from that checkpoint.
     assert list(cfg.job_dir.resolve().glob(".fault-injected*")), "the injected worker failure did not happen"
+
+
+# --------------------------------------------------------------------------- 7. where the randomness comes from
+
+def test_secure_noise_comes_from_the_csprng_with_the_stated_scale():
+    """Secure noise ignores any torch generator (nothing seeded can replay it) and has std sigma*C."""
+    from scipy.stats import chi2
+
+    from props_ray.dpsgd.engine import gaussian_noise
+
+    ref = torch.zeros(200_000)
+    a = gaussian_noise(0.7, ref, torch.Generator().manual_seed(1), secure=True)
+    b = gaussian_noise(0.7, ref, torch.Generator().manual_seed(1), secure=True)
+    assert not torch.equal(a, b)
+    stat = float((a.double() ** 2).sum() / 0.7 ** 2)
+    assert chi2.ppf(1e-6, a.numel()) < stat < chi2.ppf(1 - 1e-6, a.numel())
+    assert abs(float(a.double().mean())) < 5 * 0.7 / a.numel() ** 0.5
+    seeded = [gaussian_noise(0.7, ref, torch.Generator().manual_seed(1), secure=False) for _ in range(2)]
+    assert torch.equal(*seeded)  # seeded: replayable, which is why it is not private
+
+
+def test_secure_sampling_coins_come_from_the_csprng():
+    from props_ray.dpsgd.sampler import CSPRNGCoins
+
+    coins = sampling_generator(0, 1, 0, 0, secure=True)
+    assert isinstance(coins, CSPRNGCoins)
+    draws = [PoissonSampler(5000, 0.3, sampling_generator(0, 1, 0, 0, secure=True)).sample() for _ in range(2)]
+    assert not torch.equal(*draws)
+    assert abs(len(draws[0]) / 5000 - 0.3) < 0.03
+
+
+def test_seeded_streams_differ_per_trial_and_epsilon():
+    from props_ray.config import validate_job
+    from props_ray.dpsgd.engine import stream_id
+
+    cfg = validate_job({"name": "s", "methods": [{"method": "dpsgd"}], "privacy": {"epsilons": [0.5, 1.0]}})
+    engines = {(trial, eps): DPSGDEngine.from_config(cfg, 1, {"trial": trial, "epsilon": eps, "num_pairs": 1000})
+               for trial, eps in (("dpsgd-eps0.5", 0.5), ("dpsgd-eps1", 1.0), ("dpsgd-eps0.5-seed1", 0.5))}
+    streams = {k: e.stream for k, e in engines.items()}
+    assert len(set(streams.values())) == 3 and streams[("dpsgd-eps0.5", 0.5)] == stream_id("dpsgd-eps0.5", 0.5)
+
+    def coins(stream):
+        return PoissonSampler(2000, 0.5, sampling_generator(0, 1, 0, 0, False, stream)).sample()
+
+    assert torch.equal(coins(streams[("dpsgd-eps1", 1.0)]), coins(streams[("dpsgd-eps1", 1.0)]))  # replayable
+    assert not torch.equal(coins(streams[("dpsgd-eps0.5", 0.5)]), coins(streams[("dpsgd-eps1", 1.0)]))

@@ -1,6 +1,7 @@
 """End to end on real Ray (local) and a real MLflow store: a small demo, then a re-run that resumes."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -11,7 +12,9 @@ from props_ray.pipeline import Job
 
 @pytest.fixture(scope="module")
 def demo_run(ray_local, tiny_job_raw):
-    cfg = validate_job(tiny_job_raw)
+    raw = json.loads(json.dumps(tiny_job_raw))
+    raw["methods"] = [*raw["methods"], {"method": "dpsgd"}]
+    cfg = validate_job(raw)
     results = Job(cfg).run()
     return cfg, results
 
@@ -32,15 +35,20 @@ def test_mlflow_run_tree(demo_run):
     assert len(jobs) == 1
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == jobs[0].info.run_id]
     assert sorted((r.data.params["method"], r.data.params["epsilon"]) for r in trials) == \
-        [("nonprivate", "inf"), ("props", "0.5"), ("rr", "0.5")]
+        [("dpsgd", "0.5"), ("nonprivate", "inf"), ("props", "0.5"), ("rr", "0.5")]
     for t in trials:
-        for m in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "label_accuracy"):
+        dp = t.data.params["method"] == "dpsgd"
+        for m in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", *([] if dp else ["label_accuracy"])):
             assert m in t.data.metrics, (t.info.run_name, m)
         assert t.data.metrics["win_rate_ci_low"] <= t.data.metrics["win_rate"] <= t.data.metrics["win_rate_ci_high"]
+        assert t.data.tags["props_ray.privacy"] == "simulation"  # the embedded task's seeded randomness
         stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == t.info.run_id]
         assert sorted(r.data.params["stage"] for r in stages) == ["1", "2"]
         for s in stages:
             hist = client.get_metric_history(s.info.run_id, "loss")
+            if dp:  # DP-SGD's batch statistics are not noised: never logged
+                assert not hist and "epsilon" in s.data.metrics
+                continue
             assert hist and all(h.value > 0 for h in hist)
             assert "reward_accuracy" in s.data.metrics and "margin" in s.data.metrics
         arts = [a.path for a in client.list_artifacts(t.info.run_id, "adapter")]
@@ -71,11 +79,12 @@ def test_two_workers_keep_identical_parameters(demo_run):
 
 
 def test_no_raw_labels_on_disk(demo_run):
-    """Every pair table the job wrote is in privatized orientation, never the raw one."""
+    """Every pair table the job wrote is in privatized orientation, never the raw one; so is the ledger."""
     cfg, _ = demo_run
     from props_ray.data.prepare import prepare_data
 
-    truth = prepare_data(cfg).truth().set_index("id")["chosen"]
+    data = prepare_data(cfg)
+    truth = data.truth().set_index("id")["chosen"]
     tables = list(cfg.job_dir.rglob("*.parquet"))
     assert tables
     for path in tables:
@@ -83,16 +92,44 @@ def test_no_raw_labels_on_disk(demo_run):
         if "chosen" in df.columns and "id" in df.columns:
             agree = (df["chosen"].to_numpy() == truth.loc[df["id"]].to_numpy()).mean()
             assert agree < 0.9, f"{path} looks like raw labels ({agree:.0%} agree)"
+    draws = list(data.ledger.root.glob("draw-*.parquet"))
+    assert len(draws) == 1
+    draw = pd.read_parquet(draws[0]).set_index("id")["prefers_first"]
+    raw = data.dataset.set_index("id")
+    agree = (draw.loc[raw.index].to_numpy() == (raw["chosen"] < raw["rejected"]).to_numpy()).mean()
+    assert agree < 0.75, f"the ledger's draw looks like raw labels ({agree:.0%} agree)"  # RR at 0.5: ~62%
+
+
+def test_spent_epsilon_reaches_the_report(demo_run, capsys):
+    """The report reads DP-SGD's spent epsilon from this real run's MLflow store (one name end to end)."""
+    from props_ray import metrics as M
+    from props_ray.cli import main
+    from props_ray.report import summarize, trials_from_mlflow
+
+    cfg, results = demo_run
+    client, _ = _client(cfg)
+    trials = trials_from_mlflow(client, cfg.name).set_index("method")
+    spent = trials.loc["dpsgd", M.EPSILON_SPENT]
+    assert 0.45 < spent <= 0.5 + 1e-9  # calibrated to the target, never above it
+    assert all(math.isnan(trials.loc[m, M.EPSILON_SPENT]) for m in ("rr", "props", "nonprivate"))
+    assert next(r for r in results if r.method == "dpsgd").extra[M.EPSILON_SPENT] == pytest.approx(spent)
+    summary = summarize(trials.reset_index())
+    assert summary.set_index("method_label").loc["dpsgd", f"{M.EPSILON_SPENT}_mean"] == pytest.approx(spent)
+    capsys.readouterr()
+    assert main(["report", cfg.name, "--tracking-uri", cfg.tracking.resolved_uri()]) == 0
+    assert f"0.5 (spent {spent:.4g})" in capsys.readouterr().out
 
 
 def test_rerun_resumes_without_redrawing_or_duplicating(demo_run, ray_local):
     cfg, results = demo_run
-    priv = sorted((cfg.job_dir / "privatized").rglob("*.parquet"))
-    before = {p: p.read_bytes() for p in priv}
+    ledger = sorted((cfg.job_dir.parent / "ledger").rglob("*.parquet"))
+    before = {p: p.read_bytes() for p in ledger}
+    cumulative = json.loads(next((cfg.job_dir.parent / "ledger").rglob("ledger.json")).read_text())["draws"]
     client, exp = _client(cfg)
     n_runs = len(client.search_runs([exp], max_results=1000))
     again = Job(cfg).run()
-    assert {p: p.read_bytes() for p in priv} == before
-    assert sorted((cfg.job_dir / "privatized").rglob("*.parquet")) == priv
+    assert {p: p.read_bytes() for p in ledger} == before
+    assert sorted((cfg.job_dir.parent / "ledger").rglob("*.parquet")) == ledger
+    assert json.loads(next((cfg.job_dir.parent / "ledger").rglob("ledger.json")).read_text())["draws"] == cumulative
     assert len(client.search_runs([exp], max_results=1000)) == n_runs
     assert [r.win.win_rate for r in again] == [r.win.win_rate for r in results]

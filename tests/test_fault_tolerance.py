@@ -2,6 +2,7 @@
 server goes away. Real Ray, real MLflow (server processes), no mocks."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -27,20 +28,26 @@ def _job(raw, tmp_path, **over):
 
 
 def test_worker_failure_resumes_stage_from_last_checkpoint(ray_local, tiny_job_raw, tmp_path, monkeypatch):
-    # 160 pairs, 2 stages of 80, batch 16 -> 5 steps per epoch; 2 epochs -> steps 1..10 in stage 1.
+    # 2 workers, batch 16 -> 8 pairs per worker step; 2 epochs. The fault comes in stage 1's second epoch.
     raw = _job(tiny_job_raw, tmp_path, name="worker-fault", methods=[{"method": "rr"}])
     raw["train"] = {**raw["train"], "epochs": 2}
     cfg = validate_job(raw)
-    monkeypatch.setenv("PROPS_RAY_FAIL_AT", "1:8")  # in stage 1's second epoch, after its first checkpoint
+    from props_ray.data.prepare import prepare_data
+
+    n1, n2 = (len(p) for p in prepare_data(cfg).partitions)
+    per_epoch = [math.ceil(math.ceil(n / 2) / 8) for n in (n1, n2)]
+    fault = per_epoch[0] + 2
+    monkeypatch.setenv("PROPS_RAY_FAIL_AT", f"1:{fault}")  # after stage 1's first (epoch-end) checkpoint
     results = Job(cfg).run()
-    assert (cfg.job_dir / ".fault-injected-stage1-step8").exists()  # the fault did fire
+    assert (cfg.job_dir / f".fault-injected-stage1-step{fault}").exists()  # the fault did fire
     state = json.loads((cfg.job_dir / "trials" / "rr-eps0.5" / "state.json").read_text())
     assert sorted(state["stages"]) == ["1", "2"]
-    assert state["stages"]["1"]["metrics"]["step"] == 10  # the stage completed all of its steps
-    assert state["stages"]["2"]["metrics"]["step"] == 20
+    assert state["stages"]["1"]["metrics"]["step"] == 2 * per_epoch[0]  # the stage completed all of its steps
+    total = 2 * sum(per_epoch)
+    assert state["stages"]["2"]["metrics"]["step"] == total
     rows = [json.loads(x) for x in (Path(state["stages"]["2"]["path"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
-    assert steps == sorted(set(steps)) and steps[-1] == 20  # resumed, not restarted or duplicated
+    assert steps == sorted(set(steps)) and steps[-1] == total  # resumed, not restarted or duplicated
     assert results[0].win.n > 0
 
 
@@ -77,14 +84,14 @@ def test_driver_killed_mid_job_resumes_without_redrawing(tiny_job_raw, tmp_path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    priv = sorted((cfg.job_dir / "privatized").rglob("*.parquet"))
-    assert len(priv) == 2
+    priv = sorted((cfg.job_dir.parent / "ledger").rglob("draw-*.parquet"))
+    assert len(priv) == 1  # one draw for the dataset, written before stage 1 trained
     before = {p: p.read_bytes() for p in priv}
     stage1 = json.loads(state.read_text())["stages"]["1"]["path"]
 
     done = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {p: p.read_bytes() for p in sorted((cfg.job_dir / "privatized").rglob("*.parquet"))} == before
+    assert {p: p.read_bytes() for p in sorted((cfg.job_dir.parent / "ledger").rglob("draw-*.parquet"))} == before
     final = json.loads(state.read_text())
     assert final["stages"]["1"]["path"] == stage1  # stage 1 was not trained again
     assert "result" in final

@@ -1,14 +1,12 @@
-"""Randomized response: flip rates by a statistical test, and draws persisted once."""
+"""Randomized response: flip rates by a statistical test (persistence of the draw: test_ledger.py)."""
 
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy.stats import binomtest
 
-from props_ray.data.privatize import PrivatizedLabelsError, privatize_partition, privatized_path
-from props_ray.privacy.randomized_response import (flip_probability, randomized_response,
+from props_ray.privacy.randomized_response import (derived_flip_probability, flip_probability, randomized_response,
                                                    randomized_response_flips)
 
 
@@ -49,36 +47,16 @@ def test_randomized_response_flips_labels():
         randomized_response(np.array([0, 2]), 1.0, rng=np.random.default_rng(0))
 
 
-def _partition(n=500):
-    return pd.DataFrame({"id": [f"p{i}" for i in range(n)], "prompt": ["q"] * n,
-                         "chosen": [f"good {i}" for i in range(n)], "rejected": [f"bad {i}" for i in range(n)]})
-
-
-@pytest.mark.parametrize("secure", [False, True])
-def test_privatized_labels_are_persisted_and_never_redrawn(tmp_path, secure):
-    part = _partition()
-    first = privatize_partition(part, job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=secure)
-    assert not first.reused
-    raw_bytes = first.path.read_bytes()
-    # privatized orientation: some pairs swapped, never both responses the same
-    flipped = (first.pairs["chosen"].str.startswith("bad")).mean()
-    assert 0.3 < flipped < 0.45
-    again = privatize_partition(part, job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=secure)
-    assert again.reused
-    assert first.path.read_bytes() == raw_bytes  # byte-identical file, not rewritten
-    pd.testing.assert_frame_equal(first.pairs.reset_index(drop=True), again.pairs.reset_index(drop=True))
-
-
-def test_persisted_labels_for_other_pairs_are_refused(tmp_path):
-    privatize_partition(_partition(), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=False)
-    with pytest.raises(PrivatizedLabelsError, match="refusing to redraw"):
-        privatize_partition(_partition(400), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=False)
-
-
-def test_privatized_file_holds_no_raw_orientation(tmp_path):
-    """The file's columns are the privatized pair only: no label or raw-order column."""
-    import pyarrow.parquet as pq
-
-    res = privatize_partition(_partition(), job_dir=tmp_path, seed=0, epsilon=0.5, stage=1, stages=3, secure=False)
-    assert res.path == privatized_path(tmp_path, 0, 0.5, 1, 3)
-    assert pq.read_schema(res.path).names == ["id", "prompt", "chosen", "rejected"]
+@pytest.mark.parametrize("eps,eps_max", [(0.1, 0.5), (0.5, 2.0), (1.0, 2.0), (0.25, 4.0)])
+def test_derived_flip_composes_to_gamma_eps(eps, eps_max):
+    """Two independent flips, gamma_max then gamma', are one flip at gamma_eps (binomial test, with a control)."""
+    n = 60_000
+    rng = np.random.default_rng(int(eps * 1000 + eps_max))
+    first = randomized_response_flips(n, eps_max, rng=rng)
+    second = rng.random(n) < derived_flip_probability(eps, eps_max)
+    total = int((first ^ second).sum())
+    assert binomtest(total, n, flip_probability(eps)).pvalue > 1e-3
+    assert binomtest(total, n, flip_probability(eps_max)).pvalue < 1e-6  # not just the first flip
+    assert derived_flip_probability(eps_max, eps_max) == 0.0
+    with pytest.raises(ValueError, match="cannot derive"):
+        derived_flip_probability(eps_max, eps)

@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from props_ray import plots
+from props_ray import metrics as M
 from props_ray.report import (format_summary, report_command, summarize, trials_from_mlflow, write_summary)
 
 EXPERIMENT = "props-sweep-test"
@@ -55,7 +56,7 @@ def store(tmp_path_factory):
         name = label + ("" if eps is None else f"-eps{eps:g}") + f"-seed{seed}"
         run_id = client.create_run(exp, run_name=name, tags={
             "props_ray.kind": "trial", "props_ray.key": f"{job_name}/{name}", "mlflow.parentRunId": job_id,
-            "props_ray.method": method}).info.run_id
+            "props_ray.method": method, M.PRIVACY_TAG: "simulation"}).info.run_id
         params = {"method": method, "epsilon": "inf" if eps is None else str(eps), "stages": str(STAGES),
                   "seed": str(seed), "loss": "sigmoid", "beta": "0.1"}
         if rule:
@@ -70,7 +71,7 @@ def store(tmp_path_factory):
         final_eps = math.nan
         if method == "dpsgd":
             final_eps = float(eps * rng.uniform(0.9, 1.0))
-            metrics["final_epsilon"] = final_eps
+            metrics[M.EPSILON_SPENT] = final_eps
         else:
             if method == "nonprivate":
                 stage_acc = [1.0] * STAGES
@@ -97,7 +98,8 @@ def store(tmp_path_factory):
                         "epsilon": math.inf if eps is None else eps, "seed": seed, "stages": STAGES,
                         "win_rate": metrics["win_rate"], "win_rate_ci_low": metrics["win_rate_ci_low"],
                         "win_rate_ci_high": metrics["win_rate_ci_high"], "label_accuracy": acc,
-                        "stage_label_accuracy": stage_acc, "final_epsilon": final_eps}
+                        "stage_label_accuracy": stage_acc, M.EPSILON_SPENT: final_eps,
+                        "privacy": "simulation"}
 
     old_job = job("old-sweep", 1_600_000_000_000)
     trial(old_job, "old-sweep", "rr", 8.0, 0)
@@ -208,7 +210,7 @@ def test_summarize_means_and_t_intervals_over_seeds(store, summary):
         accs = [x["label_accuracy"] for x in rows]
         if r["method_label"] == "dpsgd":
             assert math.isnan(r["label_accuracy_mean"]) and math.isnan(r["label_accuracy_ci"])
-            assert r["final_epsilon_mean"] == pytest.approx(np.mean([x["final_epsilon"] for x in rows]))
+            assert r[f"{M.EPSILON_SPENT}_mean"] == pytest.approx(np.mean([x[M.EPSILON_SPENT] for x in rows]))
         elif r["method_label"] == "nonprivate":
             assert r["label_accuracy_mean"] == 1.0 and r["label_accuracy_ci"] == 0.0
         else:
@@ -242,11 +244,15 @@ def _markdown_rows(text):
 def test_format_summary_markdown_and_text_show_the_numbers(summary):
     md = format_summary(summary, markdown=True)
     head, rows = _markdown_rows(md)
-    assert head == ["method", "ε", "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI"]
+    assert head == ["method", "ε", "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI", "privacy"]
     assert len(rows) == len(summary)
     for row, r in zip(rows, summary.to_dict("records")):
         assert row["method"] == r["method_label"]
-        assert row["ε"] == ("∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}")
+        eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}"
+        if r["method_label"] == "dpsgd":
+            eps += f" (spent {r[f'{M.EPSILON_SPENT}_mean']:.4g})"
+        assert row["ε"] == eps
+        assert row["privacy"] == "simulation"
         assert row["seeds"] == "2"
         assert row["win rate ± 95% CI"] == f"{r['win_rate_mean']:.3f} ± {r['win_rate_ci']:.3f}"
         if r["method_label"] == "dpsgd":

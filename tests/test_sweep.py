@@ -16,8 +16,8 @@ def test_two_trial_sweep(ray_local, tiny_job_raw, tmp_path, capsys):
     cfg = validate_job(raw)
     results = Job(cfg).run()
     assert [r.trial for r in results] == ["rr-eps0.5-seed0", "rr-eps0.5-seed1"]
-    # each seed has its own RR draw and its own reference model
-    assert len(list((cfg.job_dir / "privatized").glob("seed=*"))) == 2
+    # each seed generates its own embedded dataset, so each has its own ledger and RR draw
+    assert len(list((cfg.job_dir.parent / "ledger").glob("*/draw-1.parquet"))) == 2
 
     out = cfg.job_dir / "summary"
     summary = pd.read_csv(out / "summary.csv")
@@ -52,8 +52,8 @@ def test_trials_run_concurrently(ray_local, tiny_job_raw, tmp_path):
     states = {r.trial: json.loads((cfg.job_dir / "trials" / r.trial / "state.json").read_text()) for r in results}
     spans = [(s["outcome"]["started"], s["outcome"]["finished"]) for s in states.values()]
     assert max(a for a, _ in spans) < min(b for _, b in spans), f"trials did not overlap: {spans}"
-    files = sorted((cfg.job_dir / "privatized").rglob("*.parquet"))
-    assert len(files) == cfg.stages  # one draw per partition, shared by both trials
+    files = sorted((cfg.job_dir.parent / "ledger").rglob("*.parquet"))
+    assert len(files) == 1  # one draw for the dataset, shared by both trials
     before = {f: f.read_bytes() for f in files}
 
     client = mlflow.MlflowClient(cfg.tracking.resolved_uri())

@@ -1,9 +1,12 @@
-"""The data step of a job: load, validate, hold out evaluation prompts, partition.
+"""The data step of a job: load, validate, open the dataset's ledger, hold out prompts, partition.
 
-Raw labels exist only here and in memory: :class:`PreparedData` holds the raw
-partitions (for the non-private baseline and the label-accuracy diagnostic)
-and is never written to disk; what gets persisted is the privatized output of
-:mod:`props_ray.data.privatize`.
+Everything that needs the data is checked here, before any draw, any training or any Ray
+process: held-out prompts, stage partitions (per record, from the ledger's key), DP-SGD's delta
+against N, and what the ledger would do with the job's epsilons (reuse, draw, or refuse).
+
+Raw labels exist only here and in memory: :class:`PreparedData` holds the raw pairs (for the
+draw, the non-private baseline and the label-accuracy diagnostic) and is never written to disk;
+what is persisted is the ledger's privatized draw (:mod:`props_ray.data.ledger`).
 """
 
 from __future__ import annotations
@@ -14,19 +17,24 @@ from dataclasses import dataclass
 import pandas as pd
 
 from props_ray.config import JobConfig
+from props_ray.data.ledger import Ledger
 from props_ray.data.partition import hold_out, split_partitions
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDED_PAIRS = 3000
+LABEL_DP_METHODS = ("rr", "props")
 
 
 @dataclass
 class PreparedData:
+    dataset: pd.DataFrame  # every valid pair of the source, raw (what the ledger fingerprints and draws for)
     partitions: list[pd.DataFrame]  # raw, stage 1..K (index 0 is stage 1)
     eval_prompts: list[str]
     skipped: list[dict]
     source: str
+    ledger: Ledger
+    ledger_action: str  # what the driver's draw step will do: 'none', 'reuse' or 'draw'
 
     @property
     def num_pairs(self) -> int:
@@ -39,24 +47,41 @@ class PreparedData:
         return pd.concat(self.partitions, ignore_index=True)[["id", "chosen"]]
 
 
-def prepare_data(cfg: JobConfig) -> PreparedData:
-    skipped: list[dict] = []
+def label_epsilon_max(cfg: JobConfig) -> float | None:
+    """The largest epsilon of the job's label-DP trials: the one draw serves them all."""
+    eps = [e for m, e in cfg.trials() if m.method in LABEL_DP_METHODS and e is not None]
+    return max(eps) if eps else None
+
+
+def load_dataset(cfg: JobConfig) -> tuple[pd.DataFrame, list[dict], str]:
+    """Every valid pair of the job's source (before ``data.num_pairs`` and the hold-out), the
+    skipped rows, and a description of the source."""
     if cfg.is_embedded:
         from props_ray.reference import embedded_task
 
-        task = embedded_task(cfg)
-        pairs = task.preference_pairs(cfg.data.num_pairs or DEFAULT_EMBEDDED_PAIRS, cfg.seed)
-        eval_prompts = task.eval_prompts(cfg.data.eval_prompts, cfg.seed)
-        source = "embedded"
-    else:
-        from props_ray.data.loaders import load_preferences
+        pairs = embedded_task(cfg).preference_pairs(cfg.data.num_pairs or DEFAULT_EMBEDDED_PAIRS, cfg.seed)
+        return pairs, [], "embedded"
+    from props_ray.data.loaders import load_preferences
 
-        loaded = load_preferences(cfg.data.source, format=cfg.data.format, split=cfg.data.split,
-                                  limit=cfg.data.num_pairs, on_bad_row=cfg.data.on_bad_row)
-        skipped = loaded.skipped
-        for s in skipped[:20]:
-            log.warning("skipped row %s (id %s): %s", s.get("row"), s.get("id"), s.get("reason"))
-        pairs, eval_prompts = hold_out(loaded.pairs, cfg.data.eval_prompts, cfg.seed)
-        source = f"{loaded.source} ({loaded.format})"
-    partitions = split_partitions(pairs, cfg.stages, cfg.seed, cfg.data.stage_proportions)
-    return PreparedData(partitions, eval_prompts, skipped, source)
+    loaded = load_preferences(cfg.data.source, format=cfg.data.format, split=cfg.data.split,
+                              on_bad_row=cfg.data.on_bad_row)
+    for s in loaded.skipped[:20]:
+        log.warning("skipped row %s (id %s): %s", s.get("row"), s.get("id"), s.get("reason"))
+    return loaded.pairs, loaded.skipped, f"{loaded.source} ({loaded.format})"
+
+
+def prepare_data(cfg: JobConfig) -> PreparedData:
+    dataset, skipped, source = load_dataset(cfg)
+    ledger = Ledger.open(cfg.output_dir, dataset, source=source, secure=cfg.secure_randomness, seed=cfg.seed)
+    pairs = dataset
+    if not cfg.is_embedded and cfg.data.num_pairs is not None:
+        pairs = pairs.head(cfg.data.num_pairs).reset_index(drop=True)
+    pairs, eval_prompts = hold_out(pairs, cfg.data.eval_prompts, ledger.partition_key, cfg.seed)
+    partitions = split_partitions(pairs, cfg.stages, ledger.partition_key, cfg.seed, cfg.data.stage_proportions)
+    n = sum(len(p) for p in partitions)
+    if any(m.method == "dpsgd" for m in cfg.methods):
+        from props_ray.privacy.accounting import resolve_delta
+
+        resolve_delta(cfg.privacy.dpsgd.delta, n)  # delta >= 1/N is refused here, before anything is spent
+    action = ledger.plan(label_epsilon_max(cfg), cfg.privacy.accept_new_draw)
+    return PreparedData(dataset, partitions, eval_prompts, skipped, source, ledger, action)

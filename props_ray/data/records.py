@@ -33,6 +33,8 @@ from typing import Any
 
 import pandas as pd
 
+from props_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
@@ -44,7 +46,7 @@ PROBLEM_COLUMN = "_parse_problem"
 ON_BAD_ROW = ("error", "skip")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Preference data that cannot be used.
 
     The message names the source (file or hub id) and, for a bad row, the row

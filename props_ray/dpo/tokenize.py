@@ -16,6 +16,8 @@ import numpy as np
 
 PAIR_TENSORS = ("chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask",
                 "rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask")
+#: What a training batch carries: the pair's tensors and its label confidence.
+TRAIN_COLUMNS = (*PAIR_TENSORS, "confidence")
 
 
 def join_response(prompt: str, response: str) -> str:

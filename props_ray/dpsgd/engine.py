@@ -13,7 +13,9 @@ Where each part of the mechanism lives:
   in each logical step with rate q = B / N_stage; every rank takes the same
   planned number of steps, an empty local batch included.
 - **noise** (:class:`PairDPOptimizer.step`): N(0, sigma^2 C^2) per coordinate
-  is added on rank 0 only, the noisy sum and the other ranks' clipped sums are
+  is added on rank 0 only (in secure runs drawn from the OS CSPRNG, like the
+  sampling coins; seeded runs use a stream of their own per trial, epsilon,
+  stage and epoch), the noisy sum and the other ranks' clipped sums are
   all-reduced (SUM), and the result is divided by the expected global batch
   size B: Opacus's ``DistributedDPOptimizer`` semantics, noise once per logical
   step. No torch DDP: this all-reduce is the only gradient reduction. Initial
@@ -31,17 +33,17 @@ so the loop does not log them for this engine (``logs_batch_statistics``).
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from typing import Iterator
 
 import numpy as np
 import torch
-from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
 from props_ray.dpsgd.grad_sample import PairGradSampleModule, clip_and_sum, per_pair_grad_sample
 from props_ray.dpsgd.sampler import PoissonSampler, materialize_shard, physical_batches, sampling_generator, shard_size
 from props_ray.privacy.accounting import PrivacyConfigError, StagedAccountant, resolve_delta
+from props_ray.privacy.randomness import csprng_normal
 
 
 # Opacus's hooks on the first LoRA layers see inputs that need no gradient (frozen embeddings): expected.
@@ -94,8 +96,8 @@ class PairDPOptimizer(DPOptimizer):
             _check_processed_flag(p.summed_grad)
             g = p.summed_grad.view_as(p)
             if self.rank == 0 and self.noise_multiplier > 0:
-                g = g + _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=g,
-                                        generator=self.generator, secure_mode=self.secure_mode).view_as(p)
+                g = g + gaussian_noise(self.noise_multiplier * self.max_grad_norm, g, self.generator,
+                                       self.secure_mode)
             p.grad = g.clone()
             _mark_as_processed(p.summed_grad)
 
@@ -139,6 +141,23 @@ class PairDPOptimizer(DPOptimizer):
         self.pairs_in_step = 0
 
 
+def gaussian_noise(std: float, reference: torch.Tensor, generator: torch.Generator | None,
+                   secure: bool) -> torch.Tensor:
+    """N(0, std^2) per coordinate, shaped like ``reference``: from the OS CSPRNG when ``secure``
+    (drawn in float64 on the CPU, then cast and moved), else from the seeded ``generator``."""
+    if secure:
+        z = torch.from_numpy(csprng_normal(reference.numel())).view(reference.shape)
+        return (z * std).to(device=reference.device, dtype=reference.dtype)
+    return torch.normal(0.0, std, size=reference.shape, device=reference.device, generator=generator,
+                        dtype=reference.dtype)
+
+
+def stream_id(trial: str | None, epsilon: float | None) -> int:
+    """A seeded run's stream number for one trial at one epsilon: no two trials share noise or coins."""
+    digest = hashlib.sha256(f"{trial}|{epsilon!r}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def broadcast_trainable(model: torch.nn.Module, src: int = 0) -> None:
     """Make every rank start from rank ``src``'s trainable parameters (LoRA init is random per rank)."""
     _, world = _dist()
@@ -177,7 +196,7 @@ class DPSGDEngine:
     def __init__(self, *, target_epsilon: float | None, delta: float, max_grad_norm: float,
                  expected_batch_size: int, epochs: int, physical_batch_size: int | None = None,
                  noise_multiplier: float | None = None, accountant: str = "prv", seed: int = 0,
-                 secure: bool = False):
+                 secure: bool = False, stream: int = 0):
         self.target_epsilon = target_epsilon
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = int(expected_batch_size)
@@ -186,6 +205,7 @@ class DPSGDEngine:
         self.fixed_noise_multiplier = noise_multiplier
         self.seed = int(seed)
         self.secure = bool(secure)
+        self.stream = int(stream)  # seeded runs: one noise and sampling stream per trial and epsilon
         self.accounting = StagedAccountant(delta, accountant)
         self.rank, self.world_size = _dist()
         self.model = None
@@ -206,7 +226,8 @@ class DPSGDEngine:
                    max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size or cfg.train.batch_size,
                    epochs=cfg.train.epochs, physical_batch_size=dp.physical_batch_size,
                    noise_multiplier=dp.noise_multiplier, accountant=dp.accountant, seed=cfg.seed,
-                   secure=cfg.secure_randomness)
+                   secure=cfg.secure_randomness,
+                   stream=stream_id(loop_config.get("trial"), loop_config.get("epsilon")))
 
     # -- set-up -------------------------------------------------------------------
     def wrap(self, model, optimizer, num_pairs: int | None = None):
@@ -251,11 +272,10 @@ class DPSGDEngine:
             raise RuntimeError("DPSGDEngine.start_stage(stage, shard, device) must be called before logical_batches")
         plan = self.accounting.stages[self.stage]
         sampler = PoissonSampler(self.num_local, plan.sample_rate,
-                                 sampling_generator(self.seed, self.stage, epoch, self.rank, self.secure))
-        if self.rank == 0:
+                                 sampling_generator(self.seed, self.stage, epoch, self.rank, self.secure, self.stream))
+        if self.rank == 0 and not self.secure:  # secure noise comes from the OS CSPRNG (gaussian_noise)
             gen = torch.Generator(device=device)
-            gen.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1 if self.secure
-                            else _seed_int(self.seed, self.stage, epoch, 0x7015E))
+            gen.manual_seed(_seed_int(self.seed, self.stream, self.stage, epoch, 0x7015E))
             self.optimizer.generator = gen
         for _ in range(plan.steps_in_epoch(epoch)):
             idx = sampler.sample()

@@ -14,13 +14,13 @@ bytes each); the logical batch is then split into physical batches of at most
 
 from __future__ import annotations
 
-import os
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from props_ray.train.engine import TRAIN_COLUMNS
+from props_ray.dpo.tokenize import TRAIN_COLUMNS
+from props_ray.privacy.randomness import csprng_uniform
 
 
 def materialize_shard(shard, columns=TRAIN_COLUMNS, batch_size: int = 4096) -> dict[str, torch.Tensor]:
@@ -46,16 +46,23 @@ def shard_size(tensors: Mapping[str, torch.Tensor]) -> int:
     return int(next(iter(tensors.values())).shape[0]) if tensors else 0
 
 
-def sampling_generator(seed: int, stage: int, epoch: int, rank: int, secure: bool) -> np.random.Generator:
+class CSPRNGCoins:
+    """Uniforms straight from the OS CSPRNG, with the one method the sampler uses."""
+
+    def random(self, n: int) -> np.ndarray:
+        return csprng_uniform(n)
+
+
+def sampling_generator(seed: int, stage: int, epoch: int, rank: int, secure: bool, stream: int = 0):
     """The coin-flip stream of one worker for one (stage, epoch).
 
-    Seeded runs derive it from (seed, stage, epoch, rank) so a restarted epoch
-    replays the same batches; ``secure`` seeds it from OS entropy instead (a
-    PCG64 stream seeded with 128 bits from ``os.urandom``, not a CSPRNG).
+    Seeded runs derive it from (seed, stream, stage, epoch, rank), ``stream`` being the trial's
+    and epsilon's own, so a restarted epoch replays the same batches and no two trials share coins;
+    ``secure`` runs flip every coin with the OS CSPRNG (:class:`CSPRNGCoins`), which nothing replays.
     """
     if secure:
-        return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stage, epoch, rank, 0xD95])))
+        return CSPRNGCoins()
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream, stage, epoch, rank, 0xD95])))
 
 
 class PoissonSampler:
@@ -72,10 +79,6 @@ class PoissonSampler:
         """Indices of one local logical batch (possibly empty)."""
         mask = self.generator.random(self.num_local) < self.sample_rate
         return torch.from_numpy(np.flatnonzero(mask))
-
-    def batches(self, steps: int) -> Iterator[torch.Tensor]:
-        for _ in range(steps):
-            yield self.sample()
 
 
 def physical_batches(tensors: Mapping[str, torch.Tensor], indices: torch.Tensor, physical_batch_size: int | None,

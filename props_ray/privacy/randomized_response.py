@@ -9,16 +9,29 @@ RR with parameter epsilon keeps the label with probability
 so for any two inputs the output distributions differ by at most a factor
 ``(1 - gamma) / gamma = e^eps``: each label is epsilon-label-DP (local DP).
 
+Several epsilons from one draw
+------------------------------
+Flipping an epsilon_max RR label once more with probability
+
+    gamma' = (gamma_eps - gamma_max) / (1 - 2 gamma_max)
+
+gives a label that is flipped against the raw one with probability exactly
+gamma_eps (two independent flips: gamma_max (1 - gamma') + (1 - gamma_max) gamma'),
+and it is a function of the epsilon_max label alone: post-processing. So a job
+that asks for several epsilons draws once, at the largest, and spends only
+epsilon_max per label (:func:`derived_flip_probability`), instead of the sum.
+
 These are pure functions; persistence of the draw lives in
-:mod:`props_ray.data.privatize`.
+:mod:`props_ray.data.ledger`.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 
 import numpy as np
+
+from props_ray.privacy.randomness import csprng_uniform
 
 
 def flip_probability(epsilon: float) -> float:
@@ -43,8 +56,7 @@ def randomized_response_flips(n: int, epsilon: float, rng: np.random.Generator |
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if secure:
-        # 53 random bits per draw -> uniform in [0, 1) with double resolution.
-        u = np.array([secrets.randbits(53) / float(1 << 53) for _ in range(n)], dtype=np.float64)
+        u = csprng_uniform(n)  # 53 random bits per draw from the OS CSPRNG
     else:
         if rng is None:
             raise ValueError("a seeded numpy Generator is required unless secure=True")
@@ -62,6 +74,9 @@ def randomized_response(labels: np.ndarray, epsilon: float, rng: np.random.Gener
     return np.where(flips, 1 - labels, labels).astype(np.int8)
 
 
-def rr_accuracy(epsilon: float) -> float:
-    """Expected fraction of RR labels equal to the true label, 1 - gamma_eps."""
-    return 1.0 - flip_probability(epsilon)
+def derived_flip_probability(epsilon: float, epsilon_max: float) -> float:
+    """gamma' that turns an epsilon_max RR label into an epsilon RR label (epsilon <= epsilon_max)."""
+    if epsilon > epsilon_max:
+        raise ValueError(f"cannot derive epsilon {epsilon:g} from a draw at the smaller epsilon {epsilon_max:g}")
+    g, g_max = flip_probability(epsilon), flip_probability(epsilon_max)
+    return (g - g_max) / (1.0 - 2.0 * g_max)

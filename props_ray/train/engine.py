@@ -14,9 +14,6 @@ from typing import Iterator
 
 import torch
 
-from props_ray.dpo.tokenize import PAIR_TENSORS
-
-TRAIN_COLUMNS = (*PAIR_TENSORS, "confidence")
 
 
 class StandardEngine:

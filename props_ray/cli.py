@@ -31,8 +31,15 @@ def cmd_validate(args) -> int:
           + ", ".join(f"{m.display_name}" + ("" if e is None else f"@eps={e:g}") for m, e in trials)
           + (f"; x {len(cfg.variants())} sweep variants (seeds {[v.seed for v in cfg.variants()]}, "
              f"K {[v.stages for v in cfg.variants()]})" if cfg.is_sweep else ""))
+    from props_ray.methods import METHODS
+
+    for name in dict.fromkeys(m.method for m in cfg.methods):
+        print(f"  {name} protects {METHODS[name].protects}")
     if cfg.privacy_status != "private":
         print(f"randomness: seeded ({cfg.privacy_status}): RR labels and DP-SGD noise can be replayed from the seed")
+    if args.config_only:
+        print("config only: the data, its partitions and the ledger were not checked")
+        return 0
     for variant in cfg.variants():
         data = prepare_data(variant)
         eps = label_epsilon_max(variant)
@@ -46,7 +53,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from props_ray.pipeline import Job, format_table, summary_table
+    from props_ray.driver import Job
+    from props_ray.results import format_table, summary_table
 
     cfg = load_job(args.job, args.overrides)
     t0 = time.time()
@@ -104,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--plots", default=None, metavar="DIR", help="also write the plots to DIR")
     p.set_defaults(fn=cmd_report)
-    p = sub.add_parser("validate", help="check a job file without running it")
+    p = sub.add_parser("validate", help="check a job file and its data step (data, partitions, delta, the "
+                                        "ledger's plan) without starting Ray or drawing a label")
     _job_args(p)
+    p.add_argument("--config-only", action="store_true",
+                   help="check the config alone, without reading the data (e.g. data on a cluster volume)")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API) and follow its logs")
     _job_args(p)

@@ -9,20 +9,20 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from props_ray.errors import UserError
+from props_ray.sections import METHOD_SECTIONS, MethodSection, Section
 
 
 class ConfigError(UserError, ValueError):
     """A job file or override that does not validate; the message names the field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Section
 
 
 class DataConfig(_Section):
@@ -118,43 +118,13 @@ class DPSGDConfig(_Section):
     accountant: Literal["prv", "rdp"] = "prv"
 
 
-class MethodConfig(_Section):
-    method: Literal["nonprivate", "rr", "props", "dpsgd"]
-    name: str | None = Field(None, description="display name (default method, or props-RULE)")
-    loss: Literal["sigmoid", "robust", "soft"] | None = Field(
-        None, description="DPO loss (default sigmoid). For props stages after the first: sigmoid trains on the "
-                          "combined hard label, soft on its confidence (default: soft for rule posterior, "
-                          "sigmoid for mle); robust applies to RR labels only, so to props stage 1")
-    rule: Literal["mle", "posterior"] = "mle"
-    model_error_confidence: float | None = Field(
-        None, gt=0.5, lt=1.0, description="props, rule mle: use this upper confidence bound on the stage model's "
-                                          "error gamma_M instead of its point estimate (e.g. 0.95)")
-    epsilons: list[float] | None = Field(None, description="override privacy.epsilons for this method")
+#: A job's ``methods[i]``: the section of the method it names (see :mod:`props_ray.methods`).
+MethodConfig = Annotated[Union[METHOD_SECTIONS], Field(discriminator="method")]  # noqa: UP007 - a runtime tuple
+_METHOD_ADAPTER = TypeAdapter(MethodConfig)
 
-    @field_validator("epsilons")
-    @classmethod
-    def _eps(cls, v):
-        if v is not None and not v:
-            raise ValueError("an empty list runs no trial of this method; leave it out to use privacy.epsilons")
-        if v is not None and any(not (e > 0 and math.isfinite(e)) for e in v):
-            raise ValueError("every epsilon must be a finite number > 0")
-        return v
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.method == "nonprivate" and self.loss == "robust":
-            raise ValueError("the robust loss needs a flip rate; method 'nonprivate' has none")
-        if self.method in ("nonprivate", "rr", "dpsgd") and self.loss == "soft":
-            raise ValueError(f"the soft loss needs per-pair confidence, which method '{self.method}' does not produce")
-        if self.model_error_confidence is not None and (self.method != "props" or self.rule != "mle"):
-            raise ValueError("model_error_confidence applies to method 'props' with rule 'mle' only")
-        return self
-
-    @property
-    def display_name(self) -> str:
-        if self.name:
-            return self.name
-        return f"props-{self.rule}" if self.method == "props" else self.method
+def parse_method(raw: dict) -> MethodSection:
+    return _METHOD_ADAPTER.validate_python(raw)
 
 
 class PrivacyConfig(_Section):
@@ -185,7 +155,6 @@ class EvalConfig(_Section):
     samples_per_prompt: int = Field(2, gt=0)
     judge: str = Field("oracle", description="'oracle' (embedded task) or a reward-model id/path")
     label_accuracy: bool | None = Field(None, description="default: on for the embedded task, off otherwise")
-    batch_size: int = Field(128, gt=0)
 
 
 class TrackingConfig(_Section):
@@ -241,10 +210,10 @@ class JobConfig(_Section):
         if self.data.source != "embedded" and self.eval.judge == "oracle":
             raise ValueError("eval.judge 'oracle' only exists for data.source 'embedded'; "
                              "give a reward-model id or path")
-        if self.model.gradient_checkpointing and any(m.method == "dpsgd" for m in self.methods):
-            raise ValueError("model.gradient_checkpointing cannot be used with method 'dpsgd' (Opacus's per-pair "
-                             "hooks would see each forward twice); set model.gradient_checkpointing: false "
-                             "or run dpsgd in a job of its own")
+        for m in self.methods:  # what a method refuses of the job's other settings
+            problem = m.check_job(self)
+            if problem:
+                raise ValueError(problem)
         if (self.data.source != "embedded" and self.privacy.secure_randomness is False
                 and not self.privacy.acknowledge_seeded_randomness):
             raise ValueError("privacy.secure_randomness: false on real data makes every RR label, stage key and "
@@ -298,11 +267,11 @@ class JobConfig(_Section):
     def is_sweep(self) -> bool:
         return len(self.sweep.seeds or [self.seed]) > 1 or len(self.sweep.stages or [self.stages]) > 1
 
-    def trials(self) -> list[tuple[MethodConfig, float | None]]:
+    def trials(self) -> list[tuple[MethodSection, float | None]]:
         """(method, epsilon) pairs to run; epsilon is None for the non-private ceiling."""
-        out: list[tuple[MethodConfig, float | None]] = []
+        out: list[tuple[MethodSection, float | None]] = []
         for m in self.methods:
-            if m.method == "nonprivate":
+            if not m.private:
                 out.append((m, None))
             else:
                 out.extend((m, float(e)) for e in (m.epsilons or self.privacy.epsilons))
@@ -348,12 +317,22 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid job config {source}:"]
+    methods = {s.model_fields["method"].annotation.__args__[0] for s in METHOD_SECTIONS}  # their names
+
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = list(e["loc"])
+        # methods[i] is a union told apart by 'method': drop the method's name pydantic puts in the path
+        loc = [x for i, x in enumerate(loc) if not (i > 0 and isinstance(loc[i - 1], int) and x in methods)]
         msg = e["msg"]
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append("method")
+            msg = f"must be one of {sorted(methods)}"
+        field = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         got = e.get("input")
+        if e["type"] == "union_tag_invalid" and isinstance(got, dict):
+            got = got.get("method")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  field '{field}': {msg}{shown}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The names a trial's results carry, from the writer (:mod:`props_ray.pipeline`) to MLflow to the
+"""The names a trial's results carry, from the writer (:mod:`props_ray.run_tree`) to MLflow to the
 reader (:mod:`props_ray.report`): defined once here, so writer and reader cannot drift apart."""
 
 from __future__ import annotations

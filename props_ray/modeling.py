@@ -22,7 +22,8 @@ LORA_TARGETS: dict[str, list[str]] = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``model.dtype`` -> the CUDA autocast dtype (float32 runs without autocast; weights stay float32).
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def lora_targets(model, cfg: ModelConfig) -> list[str]:

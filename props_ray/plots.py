@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from props_ray.report import format_epsilon, method_sort_key  # noqa: E402
+from props_ray.tables import format_epsilon, method_sort_key  # noqa: E402
 
 FILES = ("win_rate_vs_epsilon.png", "label_accuracy_vs_epsilon.png", "props_stage_label_accuracy.png")
 DPI = 120

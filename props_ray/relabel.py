@@ -24,6 +24,7 @@ import torch
 from props_ray.config import ModelConfig
 from props_ray.dpo.logprobs import pair_logprobs
 from props_ray.dpo.losses import implicit_reward_margin
+from props_ray.data.records import orient
 from props_ray.dpo.tokenize import PAIR_TENSORS
 from props_ray.privacy.label_combination import Combination, combine_labels
 
@@ -86,9 +87,7 @@ def apply_combination(privatized: pd.DataFrame, margins: pd.DataFrame, epsilon: 
         raise RuntimeError(f"relabel produced no margin for pairs {missing}")
     comb = combine_labels(merged["margin"].to_numpy(), epsilon, rule, **options)
     flip = comb.flipped
-    out = merged[["id", "prompt"]].copy()
-    out["chosen"] = np.where(flip, merged["rejected"], merged["chosen"])
-    out["rejected"] = np.where(flip, merged["chosen"], merged["rejected"])
+    out = orient(merged, ~flip)
     conf = np.where(flip, 1.0 - comb.confidence, comb.confidence)
     out["confidence"] = conf.astype(np.float32)
     return out, comb

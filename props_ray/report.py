@@ -2,7 +2,7 @@
 
 A job writes one job run (tag ``props_ray.kind = job``) whose children are trial
 runs (tag ``props_ray.kind = trial``), one per (method, epsilon, seed[, K]); see
-:mod:`props_ray.tracking` and :mod:`props_ray.pipeline`. This module reads them
+:mod:`props_ray.run_tree` and :mod:`props_ray.driver`. This module reads them
 back and aggregates over seeds::
 
     trials = trials_from_mlflow(MlflowClient(uri), "my-sweep-experiment")  # one row per trial run
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from props_ray import metrics as M
+from props_ray.tables import format_epsilon, method_label, method_sort_key, render_table
 from props_ray.tracking import KEY_TAG, PARENT_TAG
 
 KIND_TAG = "props_ray.kind"
@@ -35,23 +36,6 @@ TRIAL_COLUMNS = ["run_id", "trial", "method_label", "method", "rule", "epsilon",
 SUMMARY_COLUMNS = ["method_label", "epsilon", "stages", "n_seeds", "win_rate_mean", "win_rate_ci",
                    "win_rate_trial_ci", "label_accuracy_mean", "label_accuracy_ci", f"{M.EPSILON_SPENT}_mean",
                    "privacy"]
-
-# Reading order of methods in tables and legends: the ceiling first, then the label-DP methods.
-METHOD_ORDER = ("nonprivate", "rr", "props-mle", "props-posterior", "props", "dpsgd")
-
-
-def method_label(method: str, rule: str | None) -> str:
-    """``props-<rule>`` for PROPS, else the method itself."""
-    if method == "props" and rule:
-        return f"props-{rule}"
-    return method
-
-
-def method_sort_key(label: str) -> tuple[int, str]:
-    """Known methods in METHOD_ORDER; a named variant (``props-mle-bounded``) right after its method."""
-    base = max((m for m in METHOD_ORDER if label == m or label.startswith(m + "-")), key=len, default=None)
-    return (METHOD_ORDER.index(base) if base else len(METHOD_ORDER), label)
-
 
 # -- reading the run tree -------------------------------------------------------------------------------------
 def _search_all(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None,
@@ -257,10 +241,6 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- text -----------------------------------------------------------------------------------------------------
-def format_epsilon(eps: float) -> str:
-    return "∞" if math.isinf(eps) else f"{eps:g}"
-
-
 def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
     """method, ε (with DP-SGD's spent ε), [K,] seeds, win rate mean ± 95% CI, label accuracy mean ± 95% CI,
     and the privacy of the runs (``private``; ``simulation`` or ``not private`` for seeded randomness).
@@ -293,19 +273,15 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
         privacy = r.get("privacy")
         privacy = "unknown" if privacy is None or (isinstance(privacy, float) and pd.isna(privacy)) else str(privacy)
         rows.append([str(r["method_label"]), eps, *k, str(int(r["n_seeds"])), win, acc_s, privacy])
-    note = "† one seed: the trial's own 95% CI over evaluation comparisons, not over seeds" if single else ""
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        if note:
-            lines += ["", note]
-        return "\n".join(lines)
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*row) for row in rows)]
-    if note:
-        lines.append(note)
-    return "\n".join(line.rstrip() for line in lines)
+    notes = ["† one seed: the trial's own 95% CI over evaluation comparisons, not over seeds"] if single else []
+    seen = {row[-1] for row in rows}
+    if seen & {"simulation", "not private"}:
+        notes.append("privacy: seeded randomness can be replayed from the seed, so such runs are not private "
+                     "(simulation: the embedded task)")
+    table = render_table(head, rows, markdown)
+    if notes:
+        table += ("\n\n" if markdown else "\n") + "\n".join(notes)
+    return table
 
 
 def write_summary(summary: pd.DataFrame, out_dir) -> list[Path]:

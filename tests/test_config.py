@@ -75,16 +75,14 @@ def test_load_job_file_errors(tmp_path):
         load_job(bad)
 
 
-def test_props_stage_loss_follows_the_rule_unless_the_method_names_one(tmp_path):
-    from props_ray.config import JobConfig
-    from props_ray.pipeline import Job
+def test_props_stage_loss_follows_the_rule_unless_the_method_names_one():
+    from props_ray.config import parse_method
 
-    job = Job(JobConfig(name="losses", output_dir=str(tmp_path), methods=[{"method": "props"}]))
     loss = {}
     for spec in ({"rule": "mle"}, {"rule": "posterior"}, {"rule": "posterior", "loss": "sigmoid"},
                  {"rule": "mle", "loss": "soft"}, {"rule": "posterior", "loss": "robust"}):
-        m = job.cfg.methods[0].model_validate({"method": "props", **spec})
-        loss[tuple(spec.values())] = [job._stage_loss(m, k) for k in (1, 2, 3)]
+        m = parse_method({"method": "props", **spec})
+        loss[tuple(spec.values())] = [m.stage_loss(k) for k in (1, 2, 3)]
     assert loss[("mle",)] == ["sigmoid"] * 3
     assert loss[("posterior",)] == ["sigmoid", "soft", "soft"]  # stage 1 trains on RR labels
     assert loss[("posterior", "sigmoid")] == ["sigmoid"] * 3  # the Bayes decision as a hard label
@@ -98,5 +96,8 @@ def test_model_error_confidence_is_checked():
     assert ok.methods[0].model_error_confidence == 0.95
     with pytest.raises(ConfigError, match=r"methods\.0\.model_error_confidence"):
         validate_job({"name": "j", "methods": [{"method": "props", "model_error_confidence": 1.5}]})
+    with pytest.raises(ConfigError, match=r"methods\.0\.model_error_confidence': unknown field"):
+        validate_job({"name": "j", "methods": [{"method": "rr", "model_error_confidence": 0.9}]})  # props' own
     with pytest.raises(ConfigError, match="rule 'mle' only"):
-        validate_job({"name": "j", "methods": [{"method": "rr", "model_error_confidence": 0.9}]})
+        validate_job({"name": "j", "methods": [{"method": "props", "rule": "posterior",
+                                                 "model_error_confidence": 0.9}]})

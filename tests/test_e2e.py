@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from props_ray.config import validate_job
-from props_ray.pipeline import Job
+from props_ray.driver import Job
 
 
 @pytest.fixture(scope="module")

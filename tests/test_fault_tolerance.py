@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from props_ray.config import validate_job
-from props_ray.pipeline import Job
+from props_ray.driver import Job
 
 
 def _job(raw, tmp_path, **over):

@@ -263,7 +263,8 @@ def test_format_summary_markdown_and_text_show_the_numbers(summary):
 
     text = format_summary(summary, markdown=False)
     lines = text.splitlines()
-    assert len(lines) == 2 + len(summary) and "|" not in text
+    assert len(lines) == 3 + len(summary) and "|" not in text
+    assert lines[-1].startswith("privacy: seeded randomness can be replayed")  # the fixture's runs are seeded
     assert set(lines[1]) <= {"-", " "}
     for line, r in zip(lines[2:], summary.to_dict("records")):
         assert line.split()[0] == r["method_label"]

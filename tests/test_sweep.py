@@ -6,7 +6,7 @@ import json
 import pandas as pd
 
 from props_ray.config import validate_job
-from props_ray.pipeline import Job
+from props_ray.driver import Job
 
 
 def test_two_trial_sweep(ray_local, tiny_job_raw, tmp_path, capsys):

@@ -15,7 +15,7 @@ import time
 
 def measure(job_path: str, output_dir: str, overrides: list[str] | None = None, say=print) -> dict:
     from props_ray.config import load_job
-    from props_ray.pipeline import Job
+    from props_ray.driver import Job
 
     cfg = load_job(job_path, [f"output_dir={output_dir}", f"tracking.tracking_uri=sqlite:///{output_dir}/mlflow.db",
                               *(overrides or [])])

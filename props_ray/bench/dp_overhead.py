@@ -130,7 +130,7 @@ def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype
 
     from props_ray.dpo.logprobs import pair_logprobs
     from props_ray.dpo.losses import dpo_loss, implicit_reward_margin
-    from props_ray.modeling import Reference
+    from props_ray.modeling import AUTOCAST_DTYPES, Reference
 
     torch.manual_seed(0)
     policy, vocab = build_model(model_name)
@@ -152,20 +152,20 @@ def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype
         def backward_and_step(per_pair):
             engine.backward(per_pair)
             engine.step(model, optimizer)
-    else:
-        model = policy
+    else:  # the training loop's own non-private step (DDP aside): mean loss, global clipping, AdamW
+        from props_ray.train.engine import StandardEngine
+
+        model, engine = policy, StandardEngine(batch, 1, 1.0, 0)
 
         def backward_and_step(per_pair):
-            per_pair.mean().backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            engine.backward(per_pair)
+            engine.step(model, optimizer)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    amp = AUTOCAST_DTYPES.get(dtype)
 
     def autocast():
         return torch.autocast(device.type, dtype=amp, enabled=amp is not None and device.type == "cuda")

@@ -27,6 +27,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from props_ray.tables import render_table
+
 SECTIONS = ("demo", "throughput", "dp_overhead", "relabel", "gpu")
 GOALS = {"throughput": (">=", 1.2), "dp_time": ("<=", 1.10), "dp_memory": ("<=", 1.3), "relabel": (">=", 0.9),
          "demo_s": ("<=", 180.0)}
@@ -166,10 +168,7 @@ def format_report(report: dict) -> str:
         d = s["demo"]
         rows.append([f"Demo wall time (s){' (reduced)' if report['quick'] else ''}", f"{d['wall_s']:.0f}", "-", "-",
                      verdict("demo_s", d["wall_s"]) if not report["quick"] else "goal applies to the full demo"])
-    head = ["measure", "props-ray", "baseline", "ratio", "goal"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+    lines.append(render_table(["measure", "props-ray", "baseline", "ratio", "goal"], rows))
     if "throughput" in s:
         p = s["throughput"]["props_ray"]
         lines.append(f"\nthroughput: props-ray {p['workers']} Ray Train workers x {p['threads_per_worker']} thread(s), "

@@ -37,7 +37,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from props_ray.data.files import sha256_of, write_atomic
+from props_ray.data.records import orient
 from props_ray.errors import UserError
 from props_ray.privacy.randomized_response import derived_flip_probability, flip_probability, \
     randomized_response_flips
@@ -74,28 +75,6 @@ def dataset_fingerprint(pairs: pd.DataFrame) -> str:
         h.update(json.dumps([i, p, *sorted((a, b))], ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _first_response(chosen: pd.Series, rejected: pd.Series) -> np.ndarray:
@@ -286,8 +265,8 @@ class Ledger:
         buf = io.BytesIO()
         pq.write_table(arrow, buf)
         path = self.root / entry["file"]
-        _write_atomic(path, buf.getvalue())  # written before anything can use it ...
-        entry["sha256"] = _sha256(path)
+        write_atomic(path, buf.getvalue())  # written before anything can use it ...
+        entry["sha256"] = sha256_of(path)
         self.state["draws"].append(entry)  # ... and recorded (the caller saves the ledger next)
         self._labels = None
 
@@ -295,7 +274,7 @@ class Ledger:
         path = self.root / d.file
         if not path.exists():
             return f"the ledger's draw {d.number} file {path} is missing"
-        if _sha256(path) != d.sha256:
+        if sha256_of(path) != d.sha256:
             return f"the ledger's draw {d.number} file {path} was altered or truncated (its SHA-256 differs)"
         return None
 
@@ -314,7 +293,7 @@ class Ledger:
             if meta.get("fingerprint") != self.fingerprint or meta.get("number") != nxt:
                 raise LedgerError(f"{path} does not belong to the ledger {self.root / LEDGER_FILE}")
             meta.pop("fingerprint")
-            meta["sha256"] = _sha256(path)
+            meta["sha256"] = sha256_of(path)
             meta["adopted"] = _now()
             self.state["draws"].append(meta)
             self._save()
@@ -342,11 +321,8 @@ class Ledger:
             u = keyed_uniform(self.state["keys"]["derive"], ids, "derive", d.number, repr(float(epsilon)))
             prefers_first = prefers_first ^ (u < derived_flip_probability(epsilon, d.epsilon))
         first = _first_response(pairs["chosen"], pairs["rejected"])
-        keep = prefers_first == first  # the privatized label prefers the raw chosen response
-        out = pairs[["id", "prompt"]].copy()
-        out["chosen"] = np.where(keep, pairs["chosen"], pairs["rejected"])
-        out["rejected"] = np.where(keep, pairs["rejected"], pairs["chosen"])
-        return out.reset_index(drop=True)
+        # keep the raw orientation where the privatized label prefers the raw chosen response
+        return orient(pairs, prefers_first == first).reset_index(drop=True)
 
     def _draw_table(self, d: Draw) -> pd.Series:
         if self._labels is None or self._labels.attrs.get("number") != d.number:
@@ -383,7 +359,7 @@ class Ledger:
 
     def _save(self) -> None:
         first = not (self.root / LEDGER_FILE).exists()
-        _write_atomic(self.root / LEDGER_FILE, (json.dumps(self.state, indent=1) + "\n").encode())
+        write_atomic(self.root / LEDGER_FILE, (json.dumps(self.state, indent=1) + "\n").encode())
         if first:
             with open(self.base / INDEX_FILE, "a") as f:
                 f.write(json.dumps({"fingerprint": self.fingerprint, "ledger_id": self.ledger_id,

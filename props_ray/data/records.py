@@ -55,6 +55,17 @@ class DataError(UserError, ValueError):
     """
 
 
+def orient(pairs: pd.DataFrame, keep) -> pd.DataFrame:
+    """``{id, prompt, chosen, rejected}`` of ``pairs`` with the two responses swapped where ``keep`` is False:
+    how a label (randomized, derived or combined) is applied to a pair."""
+    import numpy as np
+
+    out = pairs[["id", "prompt"]].copy()
+    out["chosen"] = np.where(keep, pairs["chosen"], pairs["rejected"])
+    out["rejected"] = np.where(keep, pairs["rejected"], pairs["chosen"])
+    return out
+
+
 def check_on_bad_row(on_bad_row: str) -> None:
     """Raise ``ValueError`` unless ``on_bad_row`` is ``"error"`` or ``"skip"``."""
     if on_bad_row not in ON_BAD_ROW:

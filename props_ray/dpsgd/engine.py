@@ -74,19 +74,17 @@ class PairDPOptimizer(DPOptimizer):
                          expected_batch_size=expected_batch_size, loss_reduction="sum", generator=generator,
                          secure_mode=secure_mode)
         self.rank, self.world_size = _dist()
-        self.pairs_in_step = 0
 
     def clip_and_accumulate(self) -> None:
         params = self.params
         for p in params:
             _check_processed_flag(p.grad_sample)
         samples = [per_pair_grad_sample(p) for p in params]
-        sums, norms = clip_and_sum(samples, self.max_grad_norm, dtypes=[p.dtype for p in params])
+        sums, _ = clip_and_sum(samples, self.max_grad_norm, dtypes=[p.dtype for p in params])
         for p, s in zip(params, sums):
             s = s.view_as(p)
             p.summed_grad = s if p.summed_grad is None else p.summed_grad + s
             _mark_as_processed(p.grad_sample)
-        self.pairs_in_step += int(norms.numel())
 
     def add_noise(self) -> None:
         """p.grad = local clipped sum (+ the step's noise on rank 0 only)."""
@@ -138,7 +136,6 @@ class PairDPOptimizer(DPOptimizer):
             p.grad_sample = None
             p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)
-        self.pairs_in_step = 0
 
 
 def gaussian_noise(std: float, reference: torch.Tensor, generator: torch.Generator | None,

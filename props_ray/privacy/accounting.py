@@ -133,15 +133,6 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
             f"over {steps} steps: {err}") from None
 
 
-def accountant_state(acc) -> dict:
-    """A JSON-able state of an Opacus accountant (its mechanism name and step history)."""
-    return {"mechanism": acc.mechanism(), "history": [list(h) for h in acc.history]}
-
-
-def accountant_from_state(state: dict):
-    return make_accountant(state["mechanism"], [tuple(h) for h in state["history"]])
-
-
 @dataclass
 class StagePlan:
     """What stage k's mechanism is: N_k pairs, q_k, T_k planned steps, sigma_k."""

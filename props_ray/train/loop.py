@@ -24,14 +24,17 @@ import torch
 from props_ray.config import JobConfig
 from props_ray.dpo.logprobs import pair_logprobs
 from props_ray.dpo.losses import dpo_loss, implicit_reward_margin
-from props_ray.modeling import Reference, build_policy, save_policy
+from props_ray.modeling import AUTOCAST_DTYPES, Reference, build_policy, save_policy
 
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
 
 
 def make_engine(cfg: JobConfig, method: str, world_size: int, loop_config: dict):
-    if method == "dpsgd":
+    """The method's engine (its section's ``engine``): 'dpsgd' (Opacus) or 'standard' (DDP)."""
+    from props_ray.sections import section_of
+
+    if section_of(method).engine == "dpsgd":
         from props_ray.dpsgd.engine import DPSGDEngine
 
         return DPSGDEngine.from_config(cfg, world_size, loop_config)
@@ -59,7 +62,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # -- set-up ---------------------------------------------------------------
     cfg = JobConfig.model_validate(loop_config["job"])
-    method: str = loop_config["method"]
     stages: list[int] = loop_config["stages"]
     loss_name: str = loop_config["loss"]
     flip_rate: float | None = loop_config.get("flip_rate")
@@ -68,7 +70,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
+    autocast_dtype = AUTOCAST_DTYPES.get(cfg.model.dtype)
     use_autocast = autocast_dtype is not None and device.type == "cuda"
 
     # -- model, reference, optimizer ------------------------------------------
@@ -85,7 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     reference = Reference.for_policy(policy, cfg.model, loop_config["base_path"], device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    engine = make_engine(cfg, method, world, loop_config)
+    engine = make_engine(cfg, loop_config["method"], world, loop_config)
     model, optimizer = engine.wrap(policy, optimizer, loop_config["num_pairs"])
     if state:
         optimizer.load_state_dict(state["optimizer"])

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
-from props_ray.dpsgd.grad_sample import PairGradSampleModule, clip_and_sum, per_pair_grad_sample
+from props_ray.dpsgd.grad_sample import PairGradSampleModule, RowGradSampleModule, clip_and_sum, per_pair_grad_sample
 from props_ray.dpsgd.sampler import PoissonSampler, materialize_shard, physical_batches, sampling_generator, shard_size
 from props_ray.privacy.accounting import PrivacyConfigError, StagedAccountant, resolve_delta
 from props_ray.privacy.randomness import csprng_normal
@@ -193,7 +193,7 @@ class DPSGDEngine:
     def __init__(self, *, target_epsilon: float | None, delta: float, max_grad_norm: float,
                  expected_batch_size: int, epochs: int, physical_batch_size: int | None = None,
                  noise_multiplier: float | None = None, accountant: str = "prv", seed: int = 0,
-                 secure: bool = False, stream: int = 0):
+                 secure: bool = False, stream: int = 0, unit: str = "pair"):
         self.target_epsilon = target_epsilon
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = int(expected_batch_size)
@@ -203,6 +203,9 @@ class DPSGDEngine:
         self.seed = int(seed)
         self.secure = bool(secure)
         self.stream = int(stream)  # seeded runs: one noise and sampling stream per trial and epsilon
+        if unit not in ("pair", "row"):
+            raise ValueError(f"the DP-SGD unit must be 'pair' (DPO, reward model) or 'row' (PPO), got {unit!r}")
+        self.unit = unit  # what one clipped gradient sample is: a preference pair (2 rows), or one row
         self.accounting = StagedAccountant(delta, accountant)
         self.rank, self.world_size = _dist()
         self.model = None
@@ -234,7 +237,7 @@ class DPSGDEngine:
             raise PrivacyConfigError("method 'dpsgd' does not support gradient checkpointing")
         self.rank, self.world_size = _dist()
         broadcast_trainable(model)
-        self.model = PairGradSampleModule(model)
+        self.model = PairGradSampleModule(model) if self.unit == "pair" else RowGradSampleModule(model)
         self.optimizer = PairDPOptimizer(optimizer, noise_multiplier=0.0, max_grad_norm=self.max_grad_norm,
                                          expected_batch_size=self.expected_batch_size,
                                          secure_mode=self.secure)

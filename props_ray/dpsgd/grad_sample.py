@@ -63,6 +63,18 @@ class PairGradSampleModule(GradSampleModule):
         return self._module
 
 
+class RowGradSampleModule(GradSampleModule):
+    """Opacus's own per-row samples (hooks mode, summed loss): the privacy unit is one row, e.g. one
+    prompt's rollout in DP-PPO, where a row's loss (policy and value terms) depends on that row alone."""
+
+    def __init__(self, module: torch.nn.Module, strict: bool = True):
+        super().__init__(module, batch_first=True, loss_reduction="sum", strict=strict)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._module
+
+
 def _pairs(rows: int) -> int:
     if rows % 2:
         raise ValueError(f"a pair batch must have an even number of rows (chosen then rejected), got {rows}")

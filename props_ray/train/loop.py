@@ -1,7 +1,9 @@
 """The DPO training loop that runs on every Ray Train worker.
 
-Read it top to bottom: set up the worker, build the policy and its
-reference, let the engine wrap them (DDP, or DP-SGD), resume from a
+Read it top to bottom: set up the worker, build the model and its objective
+(the policy and DPO against its reference, or the reward model and the
+Bradley--Terry loss: :mod:`props_ray.train.objectives`), let the engine wrap
+them (DDP, or DP-SGD), resume from a
 checkpoint if Ray Train hands one back, then for each stage partition train
 ``epochs`` passes over this worker's shard and report one checkpoint per
 stage. Metrics are kept in the checkpoint (``metrics.jsonl``) so the driver
@@ -22,19 +24,16 @@ from pathlib import Path
 import torch
 
 from props_ray.config import JobConfig
-from props_ray.dpo.logprobs import pair_logprobs
-from props_ray.dpo.losses import dpo_loss, implicit_reward_margin
-from props_ray.modeling import AUTOCAST_DTYPES, Reference, build_policy, save_policy
+from props_ray.modeling import AUTOCAST_DTYPES, save_policy
+from props_ray.train.objectives import build as build_objective
 
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
 
 
-def make_engine(cfg: JobConfig, method: str, world_size: int, loop_config: dict):
-    """The method's engine (its section's ``engine``): 'dpsgd' (Opacus) or 'standard' (DDP)."""
-    from props_ray.sections import section_of
-
-    if section_of(method).engine == "dpsgd":
+def make_engine(cfg: JobConfig, engine: str, world_size: int, loop_config: dict):
+    """'dpsgd' (Opacus, the pair as the unit) or 'standard' (DDP)."""
+    if engine == "dpsgd":
         from props_ray.dpsgd.engine import DPSGDEngine
 
         return DPSGDEngine.from_config(cfg, world_size, loop_config)
@@ -63,8 +62,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # -- set-up ---------------------------------------------------------------
     cfg = JobConfig.model_validate(loop_config["job"])
     stages: list[int] = loop_config["stages"]
-    loss_name: str = loop_config["loss"]
-    flip_rate: float | None = loop_config.get("flip_rate")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -73,21 +70,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     autocast_dtype = AUTOCAST_DTYPES.get(cfg.model.dtype)
     use_autocast = autocast_dtype is not None and device.type == "cuda"
 
-    # -- model, reference, optimizer ------------------------------------------
+    # -- model, objective (DPO with its reference, or Bradley-Terry), optimizer ---
     resume = ray.train.get_checkpoint()
     state: dict = {}
     adapter = loop_config.get("init_adapter")
+    objective_name = loop_config.get("objective", "dpo")
     if resume is not None:
         with resume.as_directory() as d:
             state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=False)
             adapter = str(Path(d) / "model")
-            policy = build_policy(loop_config["base_path"], cfg.model, adapter_path=adapter, device=device)
+            policy, objective = build_objective(objective_name, cfg, loop_config["base_path"], adapter, device,
+                                                loop_config)
     else:
-        policy = build_policy(loop_config["base_path"], cfg.model, adapter_path=adapter, device=device)
-    reference = Reference.for_policy(policy, cfg.model, loop_config["base_path"], device)
+        policy, objective = build_objective(objective_name, cfg, loop_config["base_path"], adapter, device,
+                                            loop_config)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    engine = make_engine(cfg, loop_config["method"], world, loop_config)
+    engine = make_engine(cfg, loop_config["engine"], world, loop_config)
     model, optimizer = engine.wrap(policy, optimizer, loop_config["num_pairs"])
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -110,17 +109,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for physical_batches in engine.logical_batches(shard, epoch, device):
                 stats = torch.zeros(4, device=device)  # loss sum, correct, margin sum, pairs
                 for batch in physical_batches:
-                    # Reference and policy in the same precision, so an unchanged policy has margin 0.
+                    # DPO's reference and policy in the same precision: an unchanged policy has margin 0.
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                        ref_c, ref_r = reference.pair_logprobs(batch)
-                        pol_c, pol_r = pair_logprobs(model, batch)
-                    margin = implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
-                    per_pair = dpo_loss(loss_name, margin, cfg.train.beta, flip_rate=flip_rate,
-                                        confidence=batch.get("confidence"))
+                        per_pair, margin = objective(model, batch)
                     engine.backward(per_pair)
                     with torch.no_grad():
                         stats += torch.stack([per_pair.sum(), (margin > 0).float().sum(),
-                                              (cfg.train.beta * margin).sum(),
+                                              margin.sum(),
                                               torch.tensor(float(margin.numel()), device=device)])
                 engine.step(model, optimizer)
                 step += 1

@@ -27,11 +27,13 @@ class StageCheckpoint:
 
 
 def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages: list[int], datasets: dict,
+               engine: str | None = None, objective: str = "dpo",
                base_path: str, init_adapter: str | None, loss: str, flip_rate: float | None,
                num_pairs: int, extra: dict | None = None) -> list[StageCheckpoint]:
     """Train ``stages`` in order in one Ray Train run; returns one checkpoint per stage.
 
-    ``datasets`` maps stage -> Ray Dataset of tokenized pairs. Workers get their
+    ``engine`` defaults to the method's (its config section's); ``objective`` is 'dpo' or 'bradley_terry'
+    (:mod:`props_ray.train.objectives`). ``datasets`` maps stage -> Ray Dataset of tokenized pairs. Workers get their
     shard with ``ray.train.get_dataset_shard('stage_K')``. A run with the same
     name in the job's storage resumes from its latest checkpoint.
     """
@@ -39,7 +41,12 @@ def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages
     from ray.train.torch import TorchTrainer
 
     storage = (cfg.job_dir / "train").resolve()
-    loop_config = {"job": cfg.model_dump(mode="json"), "method": method, "stages": stages, "loss": loss,
+    if engine is None:
+        from props_ray.sections import section_of
+
+        engine = section_of(method).engine
+    loop_config = {"job": cfg.model_dump(mode="json"), "method": method, "engine": engine, "objective": objective,
+                   "stages": stages, "loss": loss,
                    "flip_rate": flip_rate, "base_path": base_path, "init_adapter": init_adapter,
                    "num_pairs": num_pairs, "trial": trial, "job_dir": str(cfg.job_dir.resolve()),
                    "fail_at": os.environ.get("PROPS_RAY_FAIL_AT"), **(extra or {})}

@@ -94,20 +94,3 @@ def export_reward_model(base_path: str, cfg: ModelConfig, adapter_path: str, out
     load_tokenizer(cfg.tokenizer or base_path).save_pretrained(str(out))
     return out
 
-
-def train_reward_model(cfg, pairs, base_path: str, *, name: str, epsilon: float | None = None):
-    """Train the reward model on ``pairs`` ({id, prompt, chosen, rejected}) with Ray Train, as one stage.
-
-    With ``epsilon``: DP-SGD through the project's engine, the pair as the privacy unit, noise calibrated
-    to (epsilon, delta) with ``cfg.privacy.dpsgd``'s settings; the checkpoint carries the accountant.
-    Returns the stage's :class:`~props_ray.train.trainer.StageCheckpoint`.
-    """
-    from props_ray.data.tokenize_step import to_training_dataset
-    from props_ray.train.trainer import fit_stages
-
-    ds = to_training_dataset(pairs, cfg.model.tokenizer or base_path, cfg.data.max_prompt_length,
-                             cfg.data.max_response_length)
-    return fit_stages(cfg, run_name=name, trial=name, method="reward_model",
-                      engine="dpsgd" if epsilon is not None else "standard", objective="bradley_terry", stages=[1],
-                      datasets={1: ds}, base_path=base_path, init_adapter=None, loss="sigmoid", flip_rate=None,
-                      num_pairs=len(pairs), extra={"epsilon": epsilon, "total_pairs": len(pairs)})[0]

@@ -92,7 +92,8 @@ def trained(ray_local, tmp_path_factory):
     from props_ray.config import validate_job
     from props_ray.embedded.model import build_tiny_model, build_tokenizer
     from props_ray.embedded.task import EmbeddedTask
-    from props_ray.reward_model import export_reward_model, train_reward_model
+    from props_ray.reward_model import export_reward_model
+    from props_ray.train.trainer import fit_reward_model
 
     out = tmp_path_factory.mktemp("rm")
     task, base = EmbeddedTask(), str(out / "base")
@@ -103,8 +104,8 @@ def trained(ray_local, tmp_path_factory):
                         "train": {"num_workers": 2, "batch_size": 32, "epochs": 4, "lr": 0.005, "log_every": 5},
                         "privacy": {"dpsgd": {"max_grad_norm": 1.0}}})
     pairs = task.preference_pairs(800, seed=11)
-    plain = train_reward_model(cfg, pairs, base, name="rm-plain")
-    private = train_reward_model(cfg, pairs, base, name="rm-dp", epsilon=2.0)
+    plain = fit_reward_model(cfg, pairs, base, name="rm-plain")
+    private = fit_reward_model(cfg, pairs, base, name="rm-dp", epsilon=2.0)
     judge = export_reward_model(base, cfg.model, plain.model_path, out / "judge")
     return cfg, base, task, plain, private, judge
 

@@ -76,3 +76,21 @@ def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages
     if missing:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint for stage(s) {missing}")
     return [out[k] for k in stages]
+
+
+def fit_reward_model(cfg, pairs, base_path: str, *, name: str, epsilon: float | None = None):
+    """Train the reward model (:mod:`props_ray.reward_model`) on ``pairs`` ({id, prompt, chosen, rejected})
+    with Ray Train, as one stage.
+
+    With ``epsilon``: DP-SGD through the project's engine, the pair as the privacy unit, noise calibrated
+    to (epsilon, delta) with ``cfg.privacy.dpsgd``'s settings; the checkpoint carries the accountant.
+    Returns the stage's :class:`StageCheckpoint` (the adapter and head are its ``model_path``).
+    """
+    from props_ray.data.tokenize_step import to_training_dataset
+
+    ds = to_training_dataset(pairs, cfg.model.tokenizer or base_path, cfg.data.max_prompt_length,
+                             cfg.data.max_response_length)
+    return fit_stages(cfg, run_name=name, trial=name, method="reward_model",
+                      engine="dpsgd" if epsilon is not None else "standard", objective="bradley_terry", stages=[1],
+                      datasets={1: ds}, base_path=base_path, init_adapter=None, loss="sigmoid", flip_rate=None,
+                      num_pairs=len(pairs), extra={"epsilon": epsilon, "total_pairs": len(pairs)})[0]

@@ -193,7 +193,7 @@ class DPSGDEngine:
     def __init__(self, *, target_epsilon: float | None, delta: float, max_grad_norm: float,
                  expected_batch_size: int, epochs: int, physical_batch_size: int | None = None,
                  noise_multiplier: float | None = None, accountant: str = "prv", seed: int = 0,
-                 secure: bool = False, stream: int = 0, unit: str = "pair"):
+                 secure: bool = False, stream: int = 0, unit: str = "pair", columns: tuple[str, ...] | None = None):
         self.target_epsilon = target_epsilon
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = int(expected_batch_size)
@@ -206,6 +206,7 @@ class DPSGDEngine:
         if unit not in ("pair", "row"):
             raise ValueError(f"the DP-SGD unit must be 'pair' (DPO, reward model) or 'row' (PPO), got {unit!r}")
         self.unit = unit  # what one clipped gradient sample is: a preference pair (2 rows), or one row
+        self.columns = columns  # the shard's columns to materialize (default: the pair tensors)
         self.accounting = StagedAccountant(delta, accountant)
         self.rank, self.world_size = _dist()
         self.model = None
@@ -216,7 +217,8 @@ class DPSGDEngine:
         self.empty_local_batches = 0
 
     @classmethod
-    def from_config(cls, cfg, world_size: int, loop_config: dict) -> "DPSGDEngine":
+    def from_config(cls, cfg, world_size: int, loop_config: dict, **options) -> "DPSGDEngine":
+        """From the job's ``privacy.dpsgd``; ``options`` (``unit``, ``columns``) pass through."""
         dp = cfg.privacy.dpsgd
         if cfg.model.gradient_checkpointing:
             raise PrivacyConfigError("method 'dpsgd' does not support model.gradient_checkpointing "
@@ -227,7 +229,7 @@ class DPSGDEngine:
                    epochs=cfg.train.epochs, physical_batch_size=dp.physical_batch_size,
                    noise_multiplier=dp.noise_multiplier, accountant=dp.accountant, seed=cfg.seed,
                    secure=cfg.secure_randomness,
-                   stream=stream_id(loop_config.get("trial"), loop_config.get("epsilon")))
+                   stream=stream_id(loop_config.get("trial"), loop_config.get("epsilon")), **options)
 
     # -- set-up -------------------------------------------------------------------
     def wrap(self, model, optimizer, num_pairs: int | None = None):
@@ -245,7 +247,7 @@ class DPSGDEngine:
 
     def start_stage(self, stage: int, shard, device) -> None:
         """Materialize this rank's shard, count the stage's pairs over all ranks, plan and calibrate."""
-        self.tensors = materialize_shard(shard)
+        self.tensors = materialize_shard(shard) if self.columns is None else materialize_shard(shard, self.columns)
         self.num_local = shard_size(self.tensors)
         count = torch.tensor([self.num_local], dtype=torch.int64, device=device)
         if self.world_size > 1:

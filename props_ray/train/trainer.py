@@ -94,3 +94,46 @@ def fit_reward_model(cfg, pairs, base_path: str, *, name: str, epsilon: float | 
                       engine="dpsgd" if epsilon is not None else "standard", objective="bradley_terry", stages=[1],
                       datasets={1: ds}, base_path=base_path, init_adapter=None, loss="sigmoid", flip_rate=None,
                       num_pairs=len(pairs), extra={"epsilon": epsilon, "total_pairs": len(pairs)})[0]
+
+
+#: PPO's settings (DP-RLHF's, arXiv 2310.16960, where it names them): a fixed KL coefficient, GAE,
+#: the clipped surrogate, and the value loss weight; one PPO epoch per sampled batch.
+PPO_DEFAULTS = {"lr": 1e-3, "beta": 0.05, "gamma": 1.0, "lam": 0.95, "clip": 0.2, "value_coef": 0.1,
+                "temperature": 1.0, "max_new_tokens": 6, "fixed_length": True}
+
+
+def fit_ppo(cfg: JobConfig, prompts: list[str], base_path: str, reward_model: str, *, name: str,
+            epsilon: float | None = None, ppo: dict | None = None) -> StageCheckpoint:
+    """PPO from the reference (``base_path``) on ``prompts`` against ``reward_model`` (an adapter directory
+    of :func:`fit_reward_model`), on Ray Train workers; DP-PPO (per-prompt clipping, Poisson-sampled
+    prompts, noise once per step, the accountant in every checkpoint) with ``epsilon``."""
+    import numpy as np
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from props_ray.dpo.tokenize import encode_prompts
+    from props_ray.modeling import load_tokenizer
+    from props_ray.ppo.loop import ppo_loop_per_worker
+
+    tok = load_tokenizer(cfg.model.tokenizer or base_path)
+    ids = encode_prompts(tok, prompts, cfg.data.max_prompt_length)
+    width = max(len(x) for x in ids)
+    rows = [{"prompt_ids": np.array(x + [tok.pad_token_id] * (width - len(x)), dtype=np.int64),
+             "prompt_length": len(x)} for x in ids]
+    loop_config = {"job": cfg.model_dump(mode="json"), "engine": "dpsgd" if epsilon is not None else "standard",
+                   "ppo": {**PPO_DEFAULTS, **(ppo or {})}, "base_path": base_path, "reward_model": reward_model,
+                   "num_pairs": len(prompts), "total_pairs": len(prompts), "epsilon": epsilon, "trial": name,
+                   "job_dir": str(cfg.job_dir.resolve()), "fail_at": os.environ.get("PROPS_RAY_FAIL_AT")}
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    trainer = TorchTrainer(
+        ppo_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str((cfg.job_dir / "train").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        datasets={"prompts": ray.data.from_items(rows)})
+    result = trainer.fit()
+    ckpt, metrics = next((c, m) for c, m in reversed(result.best_checkpoints) if m.get("stage_done"))
+    return StageCheckpoint(1, ckpt.path, dict(metrics))

@@ -254,7 +254,7 @@ def execute(trial: Trial) -> dict:
     """Run the trial's recipe, unless its outcome was computed before (the driver stopped before logging it)."""
     if "outcome" in trial.state:
         return trial.state["outcome"]
-    trial.say(f"[{trial.name}] training {trial.cfg.stages} stage(s)")
+    trial.say(f"[{trial.name}] starting ({trial.cfg.stages} stage partitions)")
     return registered(trial.method.method).recipe(trial)
 
 

@@ -26,7 +26,7 @@ from props_ray.win_rate import WinRate
 
 log = logging.getLogger(__name__)
 
-STAGE_METRIC_KEYS = ("loss", "reward_accuracy", "margin", "epsilon")
+STAGE_METRIC_KEYS = ("loss", "reward_accuracy", "margin", "epsilon", "reward", "kl")
 
 
 class RunTree:
@@ -89,13 +89,13 @@ class RunTree:
                   state: dict, outcome: dict) -> TrialResult:
         """Log a computed trial (its stages, results and final adapter) and mark it complete in ``state``."""
         checkpoints = state["stages"]
-        for k in range(1, cfg.stages + 1):
-            self._log_stage(run_id, name, k, checkpoints[str(k)], outcome["stage_info"].get(str(k), {}),
-                            outcome["stage_pairs"][str(k)], method)
-        final = checkpoints[str(cfg.stages)]
+        for k in sorted(checkpoints, key=int):  # the method's stages (K of them for DPO methods)
+            self._log_stage(run_id, name, int(k), checkpoints[k], outcome["stage_info"].get(k, {}),
+                            outcome["stage_pairs"].get(k, 0), method)
+        final = checkpoints[max(checkpoints, key=int)]
         win, acc, stage_acc, extra = (WinRate(**outcome["win"]), outcome["label_accuracy"],
                                       outcome["stage_label_accuracy"], outcome["extra"])
-        self.tracker.params(run_id, method.result_params(final.get("metrics", {}), cfg))
+        self.tracker.params(run_id, method.result_params(checkpoints, cfg))
         self.tracker.metrics(run_id, {M.WIN_RATE: win.win_rate, M.WIN_RATE_CI_LOW: win.ci_low,
                                       M.WIN_RATE_CI_HIGH: win.ci_high, "wins": win.wins, "ties": win.ties,
                                       "losses": win.losses, M.LABEL_ACCURACY: acc,

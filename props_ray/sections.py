@@ -63,8 +63,9 @@ class MethodSection(Section):
         """The method's own MLflow params of a trial (beyond those every trial logs)."""
         return {}
 
-    def result_params(self, final_metrics: dict, job) -> dict:
-        """MLflow params known once the trial has trained (e.g. DP-SGD's calibrated noise)."""
+    def result_params(self, checkpoints: dict[str, dict], job) -> dict:
+        """MLflow params known once the trial has trained (e.g. DP-SGD's calibrated noise), from its
+        stage checkpoints (``{"1": {"metrics": ...}, ...}``)."""
         return {}
 
     def check_job(self, job) -> str | None:
@@ -165,14 +166,79 @@ class DPSGDSection(MethodSection):
                     "job of its own")
         return None
 
-    def result_params(self, final_metrics: dict, job) -> dict:
+    def result_params(self, checkpoints: dict[str, dict], job) -> dict:
+        final = checkpoints[max(checkpoints, key=int)].get("metrics", {})
         dp = job.privacy.dpsgd
-        return {**{k: final_metrics.get(k) for k in DPSGD_MECHANISM}, "max_grad_norm": dp.max_grad_norm,
-                "delta": final_metrics.get("delta"), "accountant": dp.accountant}
+        return {**{k: final.get(k) for k in DPSGD_MECHANISM}, "max_grad_norm": dp.max_grad_norm,
+                "delta": final.get("delta"), "accountant": dp.accountant}
+
+
+class DPRLHFSection(MethodSection):
+    """DP-RLHF (arXiv 2310.16960): a reward model on the first ``reward_model_stages`` partitions, then
+    PPO on the prompts of the others. ``privacy_model: central`` trains both with DP-SGD at epsilon
+    (the paper's (epsilon, delta)-DP per record; the parts are disjoint, so the total is the larger of
+    the two); ``label`` trains the reward model on the ledger's RR labels (epsilon-label-DP by
+    post-processing) and PPO without noise (prompts are not private under label-DP)."""
+
+    method: Literal["dprlhf"]
+    stage_params: ClassVar[tuple[str, ...]] = DPSGD_MECHANISM
+    privacy_model: Literal["central", "label"] = "central"
+    reward_model_stages: int = Field(1, gt=0, description="the first N stage partitions train the reward model; "
+                                                           "the prompts of the rest train PPO")
+    ppo_epochs_per_batch: int = Field(1, gt=0, description="PPO epochs over each sampled batch (T_PPO); only 1 "
+                                                            "has an accounting rule here")
+    beta: float = Field(0.05, gt=0, description="the fixed per-token KL coefficient")
+    ppo_lr: float = Field(3e-3, gt=0)
+    reward_model_lr: float | None = Field(None, gt=0, description="default train.lr")
+
+    @property
+    def labels(self) -> str:  # type: ignore[override]
+        return "randomized_response" if self.privacy_model == "label" else "raw"
+
+    @property
+    def engine(self) -> str:  # type: ignore[override]
+        return "dpsgd" if self.privacy_model == "central" else "standard"
+
+    @field_validator("ppo_epochs_per_batch")
+    @classmethod
+    def _accounted(cls, v):
+        if v != 1:
+            raise ValueError("more than 1 has no accounting rule in props-ray: each Poisson-sampled batch is "
+                             "used once (T_PPO = 1), which the subsampled-Gaussian analysis covers")
+        return v
+
+    def default_name(self) -> str:
+        return f"dprlhf-{self.privacy_model}"
+
+    def stage_loss(self, stage: int) -> str:
+        return "bradley_terry" if stage == 1 else "ppo"
+
+    def params(self, stages: int) -> dict:
+        return {"privacy_model": self.privacy_model, "reward_model_stages": self.reward_model_stages,
+                "ppo_beta": self.beta, "ppo_lr": self.ppo_lr, "ppo_epochs_per_batch": self.ppo_epochs_per_batch}
+
+    def check_job(self, job) -> str | None:
+        if self.reward_model_stages >= job.stages:
+            return (f"methods: dprlhf's reward_model_stages ({self.reward_model_stages}) must be below stages "
+                    f"({job.stages}): the partitions after them give PPO its prompts")
+        if self.privacy_model == "central" and job.model.gradient_checkpointing:
+            return "model.gradient_checkpointing cannot be used with dprlhf's central DP (per-sample hooks)"
+        return None
+
+    def result_params(self, checkpoints: dict[str, dict], job) -> dict:
+        """Each DP stage's mechanism, so anyone can recompute its epsilon with Opacus's accountant."""
+        if self.privacy_model != "central":
+            return {}
+        out = {"max_grad_norm": job.privacy.dpsgd.max_grad_norm, "accountant": job.privacy.dpsgd.accountant,
+               "composition": "parallel over disjoint partitions: epsilon = max over the two stages"}
+        for k, part in (("1", "reward_model"), ("2", "ppo")):
+            m = checkpoints[k].get("metrics", {})
+            out.update({f"{part}_{x}": m.get(x) for x in (*DPSGD_MECHANISM, "delta")})
+        return out
 
 
 #: The sections a job's ``methods[i]`` may be, told apart by ``method`` (registration order).
-METHOD_SECTIONS = (NonprivateSection, RRSection, PropsSection, DPSGDSection)
+METHOD_SECTIONS = (NonprivateSection, RRSection, PropsSection, DPSGDSection, DPRLHFSection)
 
 
 def section_of(method: str) -> type[MethodSection]:

@@ -8,7 +8,8 @@ BASE = {"name": "j", "methods": [{"method": "rr"}]}
 def test_demo_job_validates():
     cfg = load_job("jobs/demo.yaml")
     assert [(m.display_name, e) for m, e in cfg.trials()] == [("nonprivate", None), ("rr", 0.5), ("props-mle", 0.5),
-                                                              ("dpsgd", 0.5)]
+                                                              ("dpsgd", 0.5), ("dprlhf-central", 0.5),
+                                                              ("dprlhf-label", 0.5)]
     assert cfg.train.num_workers == 2 and cfg.stages == 3
 
 

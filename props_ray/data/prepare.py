@@ -23,7 +23,6 @@ from props_ray.data.partition import hold_out, split_partitions
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDED_PAIRS = 3000
-LABEL_DP_METHODS = ("rr", "props")
 
 
 @dataclass
@@ -49,7 +48,7 @@ class PreparedData:
 
 def label_epsilon_max(cfg: JobConfig) -> float | None:
     """The largest epsilon of the job's label-DP trials: the one draw serves them all."""
-    eps = [e for m, e in cfg.trials() if m.method in LABEL_DP_METHODS and e is not None]
+    eps = [e for m, e in cfg.trials() if m.labels == "randomized_response" and e is not None]
     return max(eps) if eps else None
 
 

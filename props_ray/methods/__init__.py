@@ -8,12 +8,12 @@ line below; the driver, the MLflow run tree, the report and the CLI find it thro
 
 from __future__ import annotations
 
-from props_ray.methods import dpsgd, nonprivate, props, rr
+from props_ray.methods import dpsgd, dprlhf, nonprivate, props, rr
 from props_ray.methods.registry import Method
 from props_ray.sections import METHOD_SECTIONS
 
 #: In reading order: the ceiling first, then the label-DP methods, then the central-DP ones.
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (nonprivate, rr, props, dpsgd)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (nonprivate, rr, props, dpsgd, dprlhf)}
 assert [m.section for m in METHODS.values()] == list(METHOD_SECTIONS), "a method's section is not registered"
 
 

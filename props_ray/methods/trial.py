@@ -123,6 +123,41 @@ class Trial:
             self.save()
         return [self.checkpoints[str(k)] for k in stages]
 
+    def train_reward_model(self, stage: int, pairs: pd.DataFrame, epsilon: float | None, lr: float | None) -> dict:
+        """The reward model on ``pairs`` (Bradley-Terry; DP-SGD at ``epsilon`` with the pair as the unit), as
+        stage ``stage``; resumed, not retrained. Delta comes from the whole training set's size."""
+        from props_ray.train.trainer import fit_reward_model
+
+        if str(stage) not in self.checkpoints:
+            cfg = self.cfg if lr is None else self.cfg.model_copy(
+                update={"train": self.cfg.train.model_copy(update={"lr": lr})})
+            t = time.time()
+            ck = fit_reward_model(cfg, pairs, self.base_path, name=f"{self.name}-reward-model", epsilon=epsilon,
+                                  total_pairs=self.data.num_pairs)
+            self._record(ck, stage, "train", time.time() - t, "the reward model")
+        return self.checkpoints[str(stage)]
+
+    def train_ppo(self, stage: int, prompts: list[str], reward_model: dict, epsilon: float | None,
+                  ppo: dict) -> dict:
+        """PPO from the reference on ``prompts`` against the stage ``reward_model`` (DP-PPO at ``epsilon``:
+        the prompt as the unit), as stage ``stage``; resumed, not retrained."""
+        from props_ray.train.trainer import fit_ppo
+
+        if str(stage) not in self.checkpoints:
+            t = time.time()
+            ck = fit_ppo(self.cfg, prompts, self.base_path, reward_model["model_path"], name=f"{self.name}-ppo",
+                         epsilon=epsilon, ppo=ppo, total_pairs=self.data.num_pairs)
+            self._record(ck, stage, "train", time.time() - t, "PPO")
+        return self.checkpoints[str(stage)]
+
+    def _record(self, ck, stage: int, part: str, seconds: float, what: str) -> None:
+        self.add_time(part, seconds)
+        self.say(f"[{self.name}] trained {what} (stage {stage}) in {seconds:.1f}s")
+        self.checkpoints[str(stage)] = {
+            "stage": stage, "path": ck.path, "model_path": ck.model_path,
+            "metrics": {k: v for k, v in ck.metrics.items() if isinstance(v, (int, float, str, bool))}}
+        self.save()
+
     def relabel(self, stage: int, privatized: pd.DataFrame, previous: dict, rule: str,
                 **options) -> tuple[pd.DataFrame, dict]:
         """The ``previous`` stage model scores ``stage``'s pairs (Ray Data batch inference) and its label is

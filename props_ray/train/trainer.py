@@ -78,13 +78,14 @@ def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages
     return [out[k] for k in stages]
 
 
-def fit_reward_model(cfg, pairs, base_path: str, *, name: str, epsilon: float | None = None):
+def fit_reward_model(cfg, pairs, base_path: str, *, name: str, epsilon: float | None = None,
+                     total_pairs: int | None = None):
     """Train the reward model (:mod:`props_ray.reward_model`) on ``pairs`` ({id, prompt, chosen, rejected})
     with Ray Train, as one stage.
 
     With ``epsilon``: DP-SGD through the project's engine, the pair as the privacy unit, noise calibrated
-    to (epsilon, delta) with ``cfg.privacy.dpsgd``'s settings; the checkpoint carries the accountant.
-    Returns the stage's :class:`StageCheckpoint` (the adapter and head are its ``model_path``).
+    to (epsilon, delta) with ``cfg.privacy.dpsgd``'s settings (delta from ``total_pairs``, the dataset's
+    size, default ``len(pairs)``); the checkpoint carries the accountant. Returns the stage's :class:`StageCheckpoint` (the adapter and head are its ``model_path``).
     """
     from props_ray.data.tokenize_step import to_training_dataset
 
@@ -93,7 +94,7 @@ def fit_reward_model(cfg, pairs, base_path: str, *, name: str, epsilon: float | 
     return fit_stages(cfg, run_name=name, trial=name, method="reward_model",
                       engine="dpsgd" if epsilon is not None else "standard", objective="bradley_terry", stages=[1],
                       datasets={1: ds}, base_path=base_path, init_adapter=None, loss="sigmoid", flip_rate=None,
-                      num_pairs=len(pairs), extra={"epsilon": epsilon, "total_pairs": len(pairs)})[0]
+                      num_pairs=len(pairs), extra={"epsilon": epsilon, "total_pairs": total_pairs or len(pairs)})[0]
 
 
 #: PPO's settings (DP-RLHF's, arXiv 2310.16960, where it names them): a fixed KL coefficient, GAE,
@@ -103,7 +104,7 @@ PPO_DEFAULTS = {"lr": 1e-3, "beta": 0.05, "gamma": 1.0, "lam": 0.95, "clip": 0.2
 
 
 def fit_ppo(cfg: JobConfig, prompts: list[str], base_path: str, reward_model: str, *, name: str,
-            epsilon: float | None = None, ppo: dict | None = None) -> StageCheckpoint:
+            epsilon: float | None = None, ppo: dict | None = None, total_pairs: int | None = None) -> StageCheckpoint:
     """PPO from the reference (``base_path``) on ``prompts`` against ``reward_model`` (an adapter directory
     of :func:`fit_reward_model`), on Ray Train workers; DP-PPO (per-prompt clipping, Poisson-sampled
     prompts, noise once per step, the accountant in every checkpoint) with ``epsilon``."""
@@ -123,7 +124,8 @@ def fit_ppo(cfg: JobConfig, prompts: list[str], base_path: str, reward_model: st
              "prompt_length": len(x)} for x in ids]
     loop_config = {"job": cfg.model_dump(mode="json"), "engine": "dpsgd" if epsilon is not None else "standard",
                    "ppo": {**PPO_DEFAULTS, **(ppo or {})}, "base_path": base_path, "reward_model": reward_model,
-                   "num_pairs": len(prompts), "total_pairs": len(prompts), "epsilon": epsilon, "trial": name,
+                   "num_pairs": len(prompts), "total_pairs": total_pairs or len(prompts), "epsilon": epsilon,
+                   "trial": name,
                    "job_dir": str(cfg.job_dir.resolve()), "fail_at": os.environ.get("PROPS_RAY_FAIL_AT")}
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     trainer = TorchTrainer(

@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from props_ray.errors import UserError
-from props_ray.sections import METHOD_SECTIONS, MethodSection, Section
+from props_ray.sections import METHOD_SECTIONS, MethodSection, Section, method_name
 
 
 class ConfigError(UserError, ValueError):
@@ -317,7 +317,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid job config {source}:"]
-    methods = {s.model_fields["method"].annotation.__args__[0] for s in METHOD_SECTIONS}  # their names
+    methods = {method_name(s) for s in METHOD_SECTIONS}
 
     for e in err.errors():
         loc = list(e["loc"])

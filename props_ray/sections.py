@@ -241,9 +241,14 @@ class DPRLHFSection(MethodSection):
 METHOD_SECTIONS = (NonprivateSection, RRSection, PropsSection, DPSGDSection, DPRLHFSection)
 
 
+def method_name(section: type[MethodSection]) -> str:
+    """The ``method:`` value a section answers to (its ``Literal``)."""
+    return section.model_fields["method"].annotation.__args__[0]
+
+
 def section_of(method: str) -> type[MethodSection]:
     """The section class of the method named ``method``."""
     for s in METHOD_SECTIONS:
-        if s.model_fields["method"].annotation.__args__ == (method,):
+        if method_name(s) == method:
             return s
     raise KeyError(f"no method {method!r} is registered")

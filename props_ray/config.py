@@ -51,6 +51,9 @@ class TaskConfig(_Section):
     response_length: int = Field(6, gt=0)
     label_temperature: float = Field(0.1, gt=0)
     topic_weight: float = Field(0.5, ge=0, description="how much of the hidden reward depends on the prompt's topic")
+    prompt_mix: Literal["uniform", "skewed"] = Field(
+        "uniform", description="the prompts' distribution: uniform, or skewed (power-law topic shares, a rare "
+                               "topic under 3%, each topic with its own intent words)")
 
 
 class LoraConfig(_Section):

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from props_ray.config import ModelConfig
+from props_ray.sampling import sample_tokens
 
 
 class ResponseGenerator:
@@ -41,7 +42,9 @@ class ResponseGenerator:
     def __call__(self, batch: dict) -> dict:
         prompts = [str(p) for p in batch["prompt"]]
         rows = [int(r) for r in batch["row"]]
-        ids = [self.tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt_length:] for p in prompts]
+        # An empty prompt starts from eos alone: unconditional sampling (the synthetic-instruction generator).
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt_length:] or [self.tok.eos_token_id]
+               for p in prompts]
         responses: list[str] = [""] * len(prompts)
         by_length: dict[int, list[int]] = {}
         for i, x in enumerate(ids):
@@ -54,30 +57,13 @@ class ResponseGenerator:
         return {"prompt": batch["prompt"], "row": batch["row"], "response": np.array(responses, dtype=object)}
 
     def _sample(self, x: torch.Tensor, gens: list[torch.Generator]) -> list[list[int]]:
-        """Ancestral sampling with a KV cache, one seeded generator per row (so a row's sample does
-        not depend on its batch); the eos token is masked out when ``fixed_length``."""
+        """One seeded generator per row, so a row's sample does not depend on its batch; the eos that
+        ends a response is not part of its text."""
         eos = self.tok.eos_token_id
-        outs: list[list[int]] = [[] for _ in gens]
-        done = [False] * len(gens)
-        past, inp = None, x
-        for _ in range(self.max_new_tokens):
-            res = self.model(input_ids=inp, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            logits = res.logits[:, -1].float() / self.temperature
-            if self.fixed_length and eos is not None:
-                logits[:, eos] = float("-inf")
-            probs = torch.softmax(logits, -1)
-            nxt = [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(gens)]
-            for i, t in enumerate(nxt):
-                if not done[i]:
-                    if t == eos:
-                        done[i] = True
-                    else:
-                        outs[i].append(t)
-            if all(done):
-                break
-            inp = torch.tensor([[t] for t in nxt], device=x.device)
-        return outs
+        outs = sample_tokens(self.model, x, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                             eos_id=eos, fixed_length=self.fixed_length,
+                             draw=lambda p: [int(torch.multinomial(p[i], 1, generator=g)) for i, g in enumerate(gens)])
+        return [o[:-1] if o and o[-1] == eos else o for o in outs]
 
 
 def generate(prompts: list[str], *, base_path: str, adapter_path: str | None, model_cfg: ModelConfig,

@@ -36,7 +36,8 @@ def embedded_task(cfg: JobConfig):
     from props_ray.embedded.task import EmbeddedTask
 
     return EmbeddedTask(seed=cfg.task.seed, response_length=cfg.task.response_length,
-                        label_temperature=cfg.task.label_temperature, topic_weight=cfg.task.topic_weight)
+                        label_temperature=cfg.task.label_temperature, topic_weight=cfg.task.topic_weight,
+                        prompt_mix=cfg.task.prompt_mix)
 
 
 def embedded_reference_path(cfg: JobConfig) -> Path:

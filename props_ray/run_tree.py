@@ -99,8 +99,9 @@ class RunTree:
         self.tracker.metrics(run_id, {M.WIN_RATE: win.win_rate, M.WIN_RATE_CI_LOW: win.ci_low,
                                       M.WIN_RATE_CI_HIGH: win.ci_high, "wins": win.wins, "ties": win.ties,
                                       "losses": win.losses, M.LABEL_ACCURACY: acc,
-                                      M.EPSILON_SPENT: extra.get(M.EPSILON_SPENT),
-                                      "eval_seconds": outcome["eval_seconds"]})
+                                      "eval_seconds": outcome["eval_seconds"],
+                                      **{k: v for k, v in extra.items()  # epsilon_spent, each part's, ...
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)}})
         for k, a in enumerate(stage_acc, start=1):
             self.tracker.metrics(run_id, {M.STAGE_LABEL_ACCURACY: a}, step=k)
         self.tracker.artifact(run_id, final["model_path"], "adapter")

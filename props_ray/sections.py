@@ -237,8 +237,73 @@ class DPRLHFSection(MethodSection):
         return out
 
 
+class SyntheticInstructionsSection(MethodSection):
+    """DP synthetic instructions (arXiv 2402.13659): a generator DP fine-tuned on the private prompts (the
+    prompt as the unit) samples synthetic prompts; with ``filter: dp_histogram`` they are resampled to a
+    Gaussian-noised histogram of the private prompts' nearest centres (k-means on synthetic prompts only);
+    annotators label reference responses to them and DPO trains on those pairs (post-processing). The
+    trial's epsilon is the generator and the histogram composed (one accountant)."""
+
+    method: Literal["synthetic_instructions"]
+    filter: Literal["dp_histogram", "none"] = "dp_histogram"
+    synthetic_per_private: float = Field(4.0, ge=1, description="M / N: synthetic prompts sampled per private one")
+    clusters: int = Field(16, ge=2, description="k-means centres fitted on the synthetic prompts")
+    histogram_noise: float | None = Field(None, gt=0, description="sigma of the Gaussian noise on each count "
+                                                                   "(sensitivity 1); default 10 with dp_histogram")
+    explained_variance: float = Field(0.9, gt=0, le=1, description="PCA keeps this share of the synthetic "
+                                                                    "embeddings' variance")
+    generator_epochs: int | None = Field(None, gt=0, description="default train.epochs")
+    generator_lr: float | None = Field(None, gt=0, description="default train.lr")
+
+    stage_params: ClassVar[tuple[str, ...]] = DPSGD_MECHANISM
+
+    @model_validator(mode="after")
+    def _noise(self):
+        if self.filter == "none" and self.histogram_noise is not None:
+            raise ValueError("histogram_noise applies to filter dp_histogram only: filter none releases no "
+                             "histogram, so the noise would have nothing to account for")
+        return self
+
+    @property
+    def histogram_sigma(self) -> float | None:
+        return None if self.filter == "none" else (self.histogram_noise or 10.0)
+
+    def default_name(self) -> str:
+        return "synthetic-instructions" + ("-unfiltered" if self.filter == "none" else "")
+
+    def stage_loss(self, stage: int) -> str:
+        return "language_model" if stage == 1 else "sigmoid"  # the generator, then DPO on synthetic pairs
+
+    def synthetic_count(self, private: int) -> int:
+        return int(math.ceil(self.synthetic_per_private * private))
+
+    def check_job(self, job) -> str | None:
+        if job.model.gradient_checkpointing:
+            return ("model.gradient_checkpointing cannot be used with synthetic_instructions (the generator's "
+                    "per-example hooks would see each forward twice)")
+        n = job.data.num_pairs
+        if n is not None and self.filter == "dp_histogram" and self.clusters > self.synthetic_count(n):
+            return (f"methods: synthetic_instructions' clusters ({self.clusters}) is more than the synthetic "
+                    f"prompts it samples (synthetic_per_private x data.num_pairs = {self.synthetic_count(n)})")
+        return None
+
+    def params(self, stages: int) -> dict:
+        return {"filter": self.filter, "synthetic_per_private": self.synthetic_per_private,
+                "clusters": self.clusters, "histogram_sigma": self.histogram_sigma,
+                "explained_variance": self.explained_variance}
+
+    def result_params(self, checkpoints: dict[str, dict], job) -> dict:
+        """The generator's DP-SGD mechanism and the histogram's Gaussian release: with Opacus's accountant,
+        history [(sigma, q, steps), (histogram_sigma, 1, 1)] gives the trial's epsilon."""
+        m = checkpoints["1"].get("metrics", {})
+        return {**{f"generator_{x}": m.get(x) for x in (*DPSGD_MECHANISM, "delta")},
+                "max_grad_norm": job.privacy.dpsgd.max_grad_norm, "accountant": job.privacy.dpsgd.accountant,
+                "composition": "sequential: the generator's DP-SGD steps then one Gaussian histogram release"}
+
+
 #: The sections a job's ``methods[i]`` may be, told apart by ``method`` (registration order).
-METHOD_SECTIONS = (NonprivateSection, RRSection, PropsSection, DPSGDSection, DPRLHFSection)
+METHOD_SECTIONS = (NonprivateSection, RRSection, PropsSection, DPSGDSection, DPRLHFSection,
+                   SyntheticInstructionsSection)
 
 
 def method_name(section: type[MethodSection]) -> str:

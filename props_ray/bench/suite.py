@@ -10,6 +10,8 @@ on a timing.
 - ``dp_overhead``: DP-SGD step time and peak memory over non-private
   (:mod:`props_ray.bench.dp_overhead`);
 - ``relabel``: Ray Data actor-pool scoring vs a plain loop (:mod:`props_ray.bench.relabel`);
+- ``ppo``: on-policy PPO rollouts (sequences/s) in the training worker vs through Ray Data batch
+  inference (:mod:`props_ray.bench.ppo`);
 - ``gpu``: a Pythia-1B-architecture model in bf16 on CUDA: pairs/s, tokens/s, MFU and the DP-SGD
   ratio (:mod:`props_ray.bench.gpu`); skipped, and said so, without a CUDA device.
 
@@ -29,8 +31,9 @@ from pathlib import Path
 
 from props_ray.tables import render_table
 
-SECTIONS = ("demo", "throughput", "dp_overhead", "relabel", "gpu")
+SECTIONS = ("demo", "throughput", "dp_overhead", "relabel", "ppo", "gpu")
 GOALS = {"throughput": (">=", 1.2), "dp_time": ("<=", 1.10), "dp_memory": ("<=", 1.3), "relabel": (">=", 0.9),
+         "ppo": (">=", 1.0),
          "demo_s": ("<=", 180.0)}
 
 # The sizes of each section: (quick, full).
@@ -38,7 +41,7 @@ SIZES = {
     # --quick: PROPS alone with K = 2 (two training runs and a relabel), fewer pairs and prompts.
     "demo_overrides": (["data.num_pairs=900", "data.eval_prompts=64", "stages=2", "methods=[{method: props}]"], []),
     "throughput_pairs": (512, 2048), "throughput_epochs": (2, 3),
-    "dp_steps": (8, 30), "relabel_pairs": (1024, 4096), "gpu_steps": (5, 10),
+    "dp_steps": (8, 30), "relabel_pairs": (1024, 4096), "ppo_steps": (3, 8), "gpu_steps": (5, 10),
 }
 
 
@@ -78,7 +81,7 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
                                                   [*_size("demo_overrides", quick), *(overrides or [])],
                                                   say=lambda m: say(f"  {m}"))
 
-    need_ray = {"throughput", "relabel"} & set(sections)
+    need_ray = {"throughput", "relabel", "ppo"} & set(sections)
     cfg = bench_job(str(out_dir / "train"), _size("throughput_pairs", quick), 32, _size("throughput_epochs", quick),
                     num_workers=2, cpus_per_worker=1)
     base = resolve_reference(cfg) if need_ray else None
@@ -117,6 +120,15 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
         pairs = embedded_task(cfg).preference_pairs(n, cfg.seed + 1)
         say(f"[bench] relabel: {n} pairs, batch 128, one actor vs a plain loop; then the CPU path (tasks)")
         report["sections"]["relabel"] = relabel.measure(cfg, base, pairs)
+
+    if "ppo" in sections:
+        from props_ray.bench import ppo
+        from props_ray.reference import embedded_task
+
+        steps = _size("ppo_steps", quick)
+        prompts = embedded_task(cfg).eval_prompts(32 * (steps + 1), cfg.seed + 2)
+        say(f"[bench] ppo: on-policy rollouts, {steps} steps of 32 prompts, in the worker vs through Ray Data")
+        report["sections"]["ppo"] = ppo.measure(cfg, base, prompts, batch=32, steps=steps)
 
     if "gpu" in sections:
         from props_ray.bench import gpu
@@ -159,6 +171,10 @@ def format_report(report: dict) -> str:
         r = s["relabel"]
         rows.append(["Relabel throughput (pairs/s per actor)", f"{r['ray_data_pairs_per_s']:.0f}",
                      f"plain loop {r['plain_loop_pairs_per_s']:.0f}", f"{r['ratio']:.2f}x", verdict("relabel", r["ratio"])])
+    if "ppo" in s:
+        p = s["ppo"]
+        rows.append(["PPO rollouts (sequences/s, in the worker)", f"{p['worker_sequences_per_s']:.0f}",
+                     f"Ray Data {p['ray_data_sequences_per_s']:.0f}", f"{p['ratio']:.2f}x", verdict("ppo", p["ratio"])])
     if "gpu" in s and "skipped" not in s["gpu"]:
         g = s["gpu"]
         rows.append([f"GPU DP-SGD step time (ms, {g['model']})", f"{g['dpsgd']['step_ms']:.1f}",
@@ -182,6 +198,12 @@ def format_report(report: dict) -> str:
         lines.append(f"relabel on CPUs (model-caching tasks, a new stage model each): start-up "
                      f"{r['tasks_startup_first_s']:.1f}s the first time, {r['tasks_startup_next_s']:.1f}s the next, "
                      f"which took {r['tasks_wall_next_s']:.1f}s in all")
+    if "ppo" in s:
+        p = s["ppo"]
+        lines.append(f"ppo: {p['batch']} prompts x {p['max_new_tokens']} tokens a step; a step's rollouts take "
+                     f"{p['worker_step_s'] * 1000:.0f} ms in the worker, {p['ray_data_step_s'] * 1000:.0f} ms through "
+                     f"Ray Data with the new policy handed over ({p['ray_data_first_step_s']:.1f}s the first time); "
+                     "PPO rolls out in the worker")
     if "gpu" in s:
         from props_ray.bench.gpu import format_lines
 

@@ -193,13 +193,15 @@ class DPSGDEngine:
     def __init__(self, *, target_epsilon: float | None, delta: float, max_grad_norm: float,
                  expected_batch_size: int, epochs: int, physical_batch_size: int | None = None,
                  noise_multiplier: float | None = None, accountant: str = "prv", seed: int = 0,
-                 secure: bool = False, stream: int = 0, unit: str = "pair", columns: tuple[str, ...] | None = None):
+                 secure: bool = False, stream: int = 0, unit: str = "pair", columns: tuple[str, ...] | None = None,
+                 compose_with: list[tuple[float, float, int]] | None = None):
         self.target_epsilon = target_epsilon
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = int(expected_batch_size)
         self.physical_batch_size = physical_batch_size
         self.epochs = int(epochs)
         self.fixed_noise_multiplier = noise_multiplier
+        self.compose_with = [tuple(m) for m in compose_with] if compose_with else None
         self.seed = int(seed)
         self.secure = bool(secure)
         self.stream = int(stream)  # seeded runs: one noise and sampling stream per trial and epsilon
@@ -218,7 +220,8 @@ class DPSGDEngine:
 
     @classmethod
     def from_config(cls, cfg, world_size: int, loop_config: dict, **options) -> "DPSGDEngine":
-        """From the job's ``privacy.dpsgd``; ``options`` (``unit``, ``columns``) pass through."""
+        """From the job's ``privacy.dpsgd``; ``options`` (``unit``, ``columns``) pass through.
+        ``compose_with`` in ``loop_config``: mechanisms the stage composes with (calibrated to the sum)."""
         dp = cfg.privacy.dpsgd
         if cfg.model.gradient_checkpointing:
             raise PrivacyConfigError("method 'dpsgd' does not support model.gradient_checkpointing "
@@ -227,7 +230,8 @@ class DPSGDEngine:
         return cls(target_epsilon=loop_config.get("epsilon"), delta=resolve_delta(dp.delta, total),
                    max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size or cfg.train.batch_size,
                    epochs=cfg.train.epochs, physical_batch_size=dp.physical_batch_size,
-                   noise_multiplier=dp.noise_multiplier, accountant=dp.accountant, seed=cfg.seed,
+                   noise_multiplier=dp.noise_multiplier, compose_with=loop_config.get("compose_with"),
+                   accountant=dp.accountant, seed=cfg.seed,
                    secure=cfg.secure_randomness,
                    stream=stream_id(loop_config.get("trial"), loop_config.get("epsilon")), **options)
 
@@ -256,7 +260,7 @@ class DPSGDEngine:
         plan = None
         if self.rank == 0:  # calibration is deterministic but costs seconds: do it once, broadcast it
             plan = self.accounting.plan(stage, num_stage, self.expected_batch_size, self.epochs,
-                                        self.target_epsilon, self.fixed_noise_multiplier)
+                                        self.target_epsilon, self.fixed_noise_multiplier, self.compose_with)
         if self.world_size > 1:
             box = [plan]
             torch.distributed.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)

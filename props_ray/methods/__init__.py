@@ -8,12 +8,14 @@ line below; the driver, the MLflow run tree, the report and the CLI find it thro
 
 from __future__ import annotations
 
-from props_ray.methods import dpsgd, dprlhf, nonprivate, props, rr
+from props_ray.methods import dpsgd, dprlhf, nonprivate, props, rr, synthetic_instructions
 from props_ray.methods.registry import Method
 from props_ray.sections import METHOD_SECTIONS
 
-#: In reading order: the ceiling first, then the label-DP methods, then the central-DP ones.
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (nonprivate, rr, props, dpsgd, dprlhf)}
+#: In reading order: the ceiling first, then the label-DP methods, then the central-DP ones, then the
+#: one that protects the prompts.
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (nonprivate, rr, props, dpsgd, dprlhf,
+                                                                  synthetic_instructions)}
 assert [m.section for m in METHODS.values()] == list(METHOD_SECTIONS), "a method's section is not registered"
 
 

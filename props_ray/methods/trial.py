@@ -137,6 +137,26 @@ class Trial:
             self._record(ck, stage, "train", time.time() - t, "the reward model")
         return self.checkpoints[str(stage)]
 
+    def private_prompts(self) -> list[str]:
+        """The prompts of every partition: the private instructions (DP synthetic instructions' unit)."""
+        return [p for k in range(1, self.cfg.stages + 1) for p in self.data.partition(k)["prompt"]]
+
+    def train_generator(self, stage: int, prompts: list[str], epsilon: float | None, compose_with: list,
+                        epochs: int | None, lr: float | None) -> dict:
+        """The synthetic-instruction generator on ``prompts`` (DP-SGD with the prompt as the unit, within
+        ``epsilon`` together with the ``compose_with`` mechanisms), as stage ``stage``; resumed, not
+        retrained. Delta comes from the data's size."""
+        from props_ray.train.trainer import fit_generator
+
+        if str(stage) not in self.checkpoints:
+            train = self.cfg.train.model_copy(update={k: v for k, v in (("epochs", epochs), ("lr", lr)) if v})
+            t = time.time()
+            ck = fit_generator(self.cfg.model_copy(update={"train": train}), prompts, self.base_path,
+                               name=f"{self.name}-generator", epsilon=epsilon, compose_with=compose_with,
+                               total_pairs=self.data.num_pairs)
+            self._record(ck, stage, "train", time.time() - t, "the generator")
+        return self.checkpoints[str(stage)]
+
     def train_ppo(self, stage: int, prompts: list[str], reward_model: dict, epsilon: float | None,
                   ppo: dict) -> dict:
         """PPO from the reference on ``prompts`` against the stage ``reward_model`` (DP-PPO at ``epsilon``:

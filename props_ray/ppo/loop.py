@@ -11,18 +11,17 @@ with ``unit="row"`` clips each prompt's combined policy and value gradient once.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from props_ray.config import JobConfig
+from props_ray.modeling import adapters_off
 from props_ray.ppo.advantages import gae, kl_penalized_rewards, ppo_loss
 from props_ray.ppo.model import PolicyWithValue, token_logprobs
 from props_ray.ppo.rollout import sample_responses
-from props_ray.train.loop import maybe_inject_fault
+from props_ray.train.loop import maybe_inject_fault, report_checkpoint
 
 PROMPT_COLUMNS = ("prompt_ids", "prompt_length")
 TRAIN_STATE = "train_state.pt"
@@ -37,12 +36,8 @@ def _unwrap(model):
 
 @torch.no_grad()
 def _reference_logprobs(lm, ids, att):
-    tuner = lm.base_model
-    tuner.disable_adapter_layers()
-    try:
+    with adapters_off(lm):
         return token_logprobs(lm(input_ids=ids, attention_mask=att).logits, ids)
-    finally:
-        tuner.enable_adapter_layers()
 
 
 @torch.no_grad()
@@ -150,22 +145,16 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
 
 
 def _report(wrapped, optimizer, engine, rank, epoch, done, history, step, seconds, save_policy):
-    import ray.train
-
     metrics = {"stage": 1, "epoch": epoch, "stage_done": done, "step": step, "epoch_seconds": seconds,
                **engine.metrics()}
     if history:
         metrics.update({k: history[-1][k] for k in ("reward", "kl") if k in history[-1]})
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            model = _unwrap(wrapped)
-            save_policy(model.policy, Path(tmp) / "model")
-            torch.save(model.value_head.state_dict(), Path(tmp) / VALUE_HEAD)
-            torch.save({"optimizer": optimizer.state_dict(), "engine": engine.state_dict(),
-                        "next_epoch": epoch + 1, "step": step, "history": history}, Path(tmp) / TRAIN_STATE)
-            with open(Path(tmp) / "metrics.jsonl", "w") as f:
-                for row in history:
-                    f.write(json.dumps(row) + "\n")
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def write(d: Path) -> None:
+        model = _unwrap(wrapped)
+        save_policy(model.policy, d / "model")
+        torch.save(model.value_head.state_dict(), d / VALUE_HEAD)
+        torch.save({"optimizer": optimizer.state_dict(), "engine": engine.state_dict(),
+                    "next_epoch": epoch + 1, "step": step, "history": history}, d / TRAIN_STATE)
+
+    report_checkpoint(metrics, rank, write, history)

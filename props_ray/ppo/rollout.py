@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from props_ray.sampling import sample_tokens
+
 
 @torch.no_grad()
 def sample_responses(lm, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_id: int | None,
@@ -28,7 +30,9 @@ def sample_responses(lm, prompts: list[list[int]], *, max_new_tokens: int, tempe
     try:
         for length, rows in groups.items():
             x = torch.tensor([prompts[i] for i in rows], device=device)
-            out = _sample(lm, x, max_new_tokens, temperature, eos_id, fixed_length, generator)
+            out = sample_tokens(lm, x, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
+                                fixed_length=fixed_length,  # an eos is an action too: it ends the response
+                                draw=lambda p: torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).tolist())
             for j, i in enumerate(rows):
                 seq = prompts[i] + out[j]
                 ids[i, :len(seq)] = torch.tensor(seq)
@@ -37,24 +41,3 @@ def sample_responses(lm, prompts: list[list[int]], *, max_new_tokens: int, tempe
     finally:
         lm.train(was_training)
     return ids.to(device), att.to(device), act.to(device)
-
-
-def _sample(lm, x, max_new_tokens, temperature, eos_id, fixed_length, generator) -> list[list[int]]:
-    outs: list[list[int]] = [[] for _ in range(x.shape[0])]
-    done = torch.zeros(x.shape[0], dtype=torch.bool)
-    past, inp = None, x
-    for _ in range(max_new_tokens):
-        res = lm(input_ids=inp, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        logits = res.logits[:, -1].float() / temperature
-        if fixed_length and eos_id is not None:
-            logits[:, eos_id] = float("-inf")
-        nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator).squeeze(1)
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                outs[i].append(t)  # an eos is an action too: it ends the response
-                done[i] = t == eos_id
-        if bool(done.all()):
-            break
-        inp = nxt[:, None].to(x.device)
-    return outs

@@ -133,6 +133,47 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
             f"over {steps} steps: {err}") from None
 
 
+def composed_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
+    """Epsilon at ``delta`` of the sequential composition of mechanisms given as Opacus history entries
+    (noise multiplier, sampling rate, steps): subsampled-Gaussian DP-SGD steps and, at rate 1 and one
+    step, plain Gaussian releases."""
+    import numpy as np
+
+    if any(s <= 0 for s, _, _ in history):
+        return math.inf
+    with np.errstate(divide="ignore"):  # PRV's log(1 - q) at q = 1 (a plain Gaussian release) is handled
+        return float(make_accountant(accountant, history).get_epsilon(delta=delta))
+
+
+def calibrate_composed(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                       fixed: list[tuple[float, float, int]], accountant: str = "prv",
+                       rel_tolerance: float = CALIBRATION_REL_TOL) -> float:
+    """The smallest DP-SGD noise multiplier (to ``rel_tolerance`` of epsilon) whose ``steps`` at
+    ``sample_rate``, composed with the ``fixed`` mechanisms, stay within ``target_epsilon``."""
+    def eps(sigma):
+        return composed_epsilon([*fixed, (sigma, sample_rate, steps)], delta, accountant)
+
+    floor = composed_epsilon(fixed, delta, accountant) if fixed else 0.0
+    if floor >= target_epsilon * (1 - rel_tolerance):
+        raise PrivacyConfigError(f"the other mechanisms alone spend epsilon {floor:.3g} of the {target_epsilon:g} "
+                                 "asked for: add noise to them or ask for a larger epsilon")
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            raise PrivacyConfigError(f"cannot reach epsilon {target_epsilon:g} at delta {delta:.3g}")
+    while hi - lo > 1e-6:  # eps(hi) <= target < eps(lo)
+        mid = (lo + hi) / 2
+        e = eps(mid)
+        if e > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+            if e >= target_epsilon * (1 - rel_tolerance):
+                break
+    return hi
+
+
 @dataclass
 class StagePlan:
     """What stage k's mechanism is: N_k pairs, q_k, T_k planned steps, sigma_k."""
@@ -166,10 +207,13 @@ class StagedAccountant:
         self._eps_cache: dict[tuple, float] = {}
 
     def plan(self, stage: int, num_pairs: int, expected_batch_size: int, epochs: int,
-             target_epsilon: float | None, noise_multiplier: float | None = None) -> StagePlan:
+             target_epsilon: float | None, noise_multiplier: float | None = None,
+             compose_with: list[tuple[float, float, int]] | None = None) -> StagePlan:
         """Plan stage ``stage`` (or return its plan if it exists, e.g. after a restart).
 
-        A fixed ``noise_multiplier`` overrides calibration to ``target_epsilon``.
+        A fixed ``noise_multiplier`` overrides calibration to ``target_epsilon``. ``compose_with``: other
+        mechanisms (Opacus history entries) that compose sequentially with this stage; the stage is
+        calibrated so that it and they together stay within ``target_epsilon``.
         """
         q = sample_rate(expected_batch_size, num_pairs)
         planned = plan_steps(num_pairs, expected_batch_size, epochs)
@@ -183,7 +227,9 @@ class StagedAccountant:
         if noise_multiplier is None:
             if target_epsilon is None:
                 raise PrivacyConfigError("DP-SGD needs a target epsilon or privacy.dpsgd.noise_multiplier")
-            sigma = calibrate_noise_multiplier(target_epsilon, self.delta, q, planned, self.accountant)
+            sigma = (calibrate_composed(target_epsilon, self.delta, q, planned, compose_with, self.accountant)
+                     if compose_with else
+                     calibrate_noise_multiplier(target_epsilon, self.delta, q, planned, self.accountant))
         else:
             sigma = float(noise_multiplier)
         plan = StagePlan(stage, int(num_pairs), q, int(epochs), planned, sigma)

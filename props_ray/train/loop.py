@@ -32,11 +32,13 @@ METRICS = "metrics.jsonl"
 
 
 def make_engine(cfg: JobConfig, engine: str, world_size: int, loop_config: dict):
-    """'dpsgd' (Opacus, the pair as the unit) or 'standard' (DDP)."""
+    """'dpsgd' (Opacus, the objective's unit: a pair, or an example) or 'standard' (DDP)."""
     if engine == "dpsgd":
         from props_ray.dpsgd.engine import DPSGDEngine
+        from props_ray.train.objectives import UNITS
 
-        return DPSGDEngine.from_config(cfg, world_size, loop_config)
+        unit, columns = UNITS[loop_config.get("objective", "dpo")]
+        return DPSGDEngine.from_config(cfg, world_size, loop_config, unit=unit, columns=columns)
     from props_ray.train.engine import StandardEngine
 
     return StandardEngine(cfg.train.batch_size, world_size, cfg.train.max_grad_norm, cfg.seed)
@@ -111,10 +113,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 for batch in physical_batches:
                     # DPO's reference and policy in the same precision: an unchanged policy has margin 0.
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                        per_pair, margin = objective(model, batch)
-                    engine.backward(per_pair)
+                        per_unit, margin = objective(model, batch)
+                    engine.backward(per_unit)
                     with torch.no_grad():
-                        stats += torch.stack([per_pair.sum(), (margin > 0).float().sum(),
+                        if margin is None:  # the language model: its loss only
+                            margin = torch.zeros_like(per_unit)
+                        stats += torch.stack([per_unit.sum(), (margin > 0).float().sum(),
                                               margin.sum(),
                                               torch.tensor(float(margin.numel()), device=device)])
                 engine.step(model, optimizer)
@@ -126,14 +130,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     n = max(stats[3].item(), 1.0)
                     row = {"stage": stage, "epoch": epoch, "step": step, **engine.metrics()}
                     if engine.logs_batch_statistics:
-                        row.update({"loss": stats[0].item() / n, "reward_accuracy": stats[1].item() / n,
-                                    "margin": stats[2].item() / n})
+                        row["loss"] = stats[0].item() / n
+                        if objective.has_margin:
+                            row.update({"reward_accuracy": stats[1].item() / n, "margin": stats[2].item() / n})
                     history.append(row)
                     if rank == 0:
                         print(f"[props-ray] {loop_config['trial']} stage {stage} epoch {epoch + 1}/"
                               f"{cfg.train.epochs} step {step}"
-                              + (f": loss {row['loss']:.4f} reward acc {row['reward_accuracy']:.3f}"
-                                 if "loss" in row else "")
+                              + (f": loss {row['loss']:.4f}" if "loss" in row else "")
+                              + (f" reward acc {row['reward_accuracy']:.3f}" if "reward_accuracy" in row else "")
                               + (f" epsilon {row['epsilon']:.3f}" if "epsilon" in row else ""), flush=True)
             # An epoch-end checkpoint lets a failed worker resume mid-stage.
             last_epoch = epoch == cfg.train.epochs - 1
@@ -159,19 +164,29 @@ def rank_param_spread(model, max_numel: int = 10_000_000) -> float | None:
 
 
 def _report(model, optimizer, engine, rank, stage, epoch, stage_done, done_stages, history, step, seconds):
-    import ray.train
-
     metrics = {"stage": stage, "epoch": epoch, "stage_done": stage_done, "step": step,
                "epoch_seconds": seconds, "rank_param_spread": rank_param_spread(model), **engine.metrics()}
     if history:
         metrics.update({k: history[-1][k] for k in ("loss", "reward_accuracy", "margin") if k in history[-1]})
+
+    def write(d: Path) -> None:
+        save_policy(model, d / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "engine": engine.state_dict(),
+                    "done_stages": list(done_stages), "next_epoch": 0 if stage_done else epoch + 1,
+                    "stage": stage, "step": step, "history": history}, d / TRAIN_STATE)
+
+    report_checkpoint(metrics, rank, write, history)
+
+
+def report_checkpoint(metrics: dict, rank: int, write, history: list[dict]) -> None:
+    """``ray.train.report`` on every worker; rank 0 attaches a checkpoint: what ``write(directory)``
+    saves (model, optimizer and engine state, the accountant's with it) plus the history as metrics.jsonl."""
+    import ray.train
+
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_policy(model, Path(tmp) / "model")
-            torch.save({"optimizer": optimizer.state_dict(), "engine": engine.state_dict(),
-                        "done_stages": list(done_stages), "next_epoch": 0 if stage_done else epoch + 1,
-                        "stage": stage, "step": step, "history": history}, Path(tmp) / TRAIN_STATE)
+            write(Path(tmp))
             with open(Path(tmp) / METRICS, "w") as f:
                 for row in history:
                     f.write(json.dumps(row) + "\n")

@@ -97,6 +97,31 @@ def fit_reward_model(cfg, pairs, base_path: str, *, name: str, epsilon: float | 
                       num_pairs=len(pairs), extra={"epsilon": epsilon, "total_pairs": total_pairs or len(pairs)})[0]
 
 
+def fit_generator(cfg, prompts: list[str], base_path: str, *, name: str, epsilon: float | None = None,
+                  compose_with: list | None = None, total_pairs: int | None = None) -> StageCheckpoint:
+    """Fine-tune the synthetic-instruction generator (:mod:`props_ray.synthetic.generator`) on ``prompts``
+    with Ray Train, as one stage: the reference plus a LoRA adapter, the next-token loss.
+
+    With ``epsilon``: DP-SGD through the project's engine with the example (one prompt) as the unit, its
+    noise calibrated on the stage's actual size so that it composed with the ``compose_with`` mechanisms
+    (the histogram release) stays within ``epsilon``; delta from ``total_pairs``. The checkpoint carries
+    the accountant.
+    """
+    import ray.data
+
+    from props_ray.modeling import load_tokenizer
+    from props_ray.synthetic.generator import generator_rows
+
+    tok = load_tokenizer(cfg.model.tokenizer or base_path)
+    ds = ray.data.from_items(generator_rows(tok, prompts, cfg.data.max_prompt_length))
+    return fit_stages(cfg, run_name=name, trial=name, method="generator",
+                      engine="dpsgd" if epsilon is not None else "standard", objective="language_model",
+                      stages=[1], datasets={1: ds}, base_path=base_path, init_adapter=None, loss="sigmoid",
+                      flip_rate=None, num_pairs=len(prompts),
+                      extra={"epsilon": epsilon, "compose_with": compose_with,
+                             "total_pairs": total_pairs or len(prompts)})[0]
+
+
 #: PPO's settings (DP-RLHF's, arXiv 2310.16960, where it names them): a fixed KL coefficient, GAE,
 #: the clipped surrogate, and the value loss weight; one PPO epoch per sampled batch.
 PPO_DEFAULTS = {"lr": 1e-3, "beta": 0.05, "gamma": 1.0, "lam": 0.95, "clip": 0.2, "value_coef": 0.1,

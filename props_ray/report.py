@@ -29,13 +29,16 @@ from props_ray.tracking import KEY_TAG, PARENT_TAG
 
 KIND_TAG = "props_ray.kind"
 
+#: DP synthetic instructions' own figures: each part's epsilon and the topic TV before and after the filter.
+SYNTHETIC_METRICS = ("generator_epsilon", "histogram_epsilon", "synthetic_tv_before", "synthetic_tv_after")
+
 TRIAL_COLUMNS = ["run_id", "trial", "method_label", "method", "rule", "epsilon", "seed", "stages",
                  "win_rate", "win_rate_ci_low", "win_rate_ci_high", "label_accuracy",
-                 "stage_label_accuracy", M.EPSILON_SPENT, "privacy"]
+                 "stage_label_accuracy", M.EPSILON_SPENT, "privacy", "privacy_unit", *SYNTHETIC_METRICS]
 
 SUMMARY_COLUMNS = ["method_label", "epsilon", "stages", "n_seeds", "win_rate_mean", "win_rate_ci",
                    "win_rate_trial_ci", "label_accuracy_mean", "label_accuracy_ci", f"{M.EPSILON_SPENT}_mean",
-                   "privacy"]
+                   "privacy", "privacy_unit", *(f"{k}_mean" for k in SYNTHETIC_METRICS)]
 
 # -- reading the run tree -------------------------------------------------------------------------------------
 def _search_all(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None,
@@ -171,6 +174,8 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
             "stage_label_accuracy": _history(client, r.info.run_id, M.STAGE_LABEL_ACCURACY),
             M.EPSILON_SPENT: _float(m.get(M.EPSILON_SPENT)),
             "privacy": r.data.tags.get(M.PRIVACY_TAG, "unknown"),
+            "privacy_unit": p.get("privacy_unit", "unknown"),
+            **{k: _float(m.get(k)) for k in SYNTHETIC_METRICS},
         })
     df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     df["seed"] = df["seed"].astype("Int64")
@@ -233,6 +238,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             "label_accuracy_ci": t_ci_half_width(g["label_accuracy"]) if "label_accuracy" in g else math.nan,
             f"{M.EPSILON_SPENT}_mean": _mean(g[M.EPSILON_SPENT]) if M.EPSILON_SPENT in g else math.nan,
             "privacy": ", ".join(sorted(set(g["privacy"].dropna()))) if "privacy" in g else "unknown",
+            "privacy_unit": ", ".join(sorted(set(g["privacy_unit"].dropna()))) if "privacy_unit" in g else "unknown",
+            **{f"{k}_mean": _mean(g[k]) if k in g else math.nan for k in SYNTHETIC_METRICS},
         })
     s = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     s["stages"] = s["stages"].astype("Int64")
@@ -250,7 +257,7 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
     """
     show_k = "stages" in summary and summary["stages"].dropna().nunique() > 1
     head = ["method", "ε", *(["K"] if show_k else []), "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI",
-            "privacy"]
+            "unit", "privacy"]
     rows, single = [], False
     for r in summary.to_dict("records"):
         if r["n_seeds"] > 1:
@@ -272,16 +279,39 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
             eps += f" (spent {spent:.4g})"
         privacy = r.get("privacy")
         privacy = "unknown" if privacy is None or (isinstance(privacy, float) and pd.isna(privacy)) else str(privacy)
-        rows.append([str(r["method_label"]), eps, *k, str(int(r["n_seeds"])), win, acc_s, privacy])
+        unit = r.get("privacy_unit")
+        unit = "unknown" if unit is None or (isinstance(unit, float) and pd.isna(unit)) else str(unit)
+        rows.append([str(r["method_label"]), eps, *k, str(int(r["n_seeds"])), win, acc_s, unit, privacy])
     notes = ["† one seed: the trial's own 95% CI over evaluation comparisons, not over seeds"] if single else []
     seen = {row[-1] for row in rows}
     if seen & {"simulation", "not private"}:
         notes.append("privacy: seeded randomness can be replayed from the seed, so such runs are not private "
                      "(simulation: the embedded task)")
+    notes.append("unit: what neighbouring datasets differ in (a label, a pair, a prompt, ...); a method with "
+                 "a larger unit protects more at the same epsilon")
     table = render_table(head, rows, markdown)
     if notes:
         table += ("\n\n" if markdown else "\n") + "\n".join(notes)
-    return table
+    synthetic = _synthetic_table(summary, markdown)
+    return table + (("\n\n" + synthetic) if synthetic else "")
+
+
+def _synthetic_table(summary: pd.DataFrame, markdown: bool) -> str:
+    """DP synthetic instructions: the epsilon of each part and the TV of the synthetic topic mixture to
+    the real one before and after the filter (means over seeds)."""
+    col = "synthetic_tv_before_mean"
+    if col not in summary or summary[col].isna().all():
+        return ""
+    rows = []
+    for r in summary[summary[col].notna()].to_dict("records"):
+        f = lambda v, spec: "-" if v is None or pd.isna(v) else format(v, spec)  # noqa: E731
+        rows.append([str(r["method_label"]), format_epsilon(float(r["epsilon"])), f(r["generator_epsilon_mean"], ".4g"),
+                     f(r["histogram_epsilon_mean"], ".4g"), f(r["synthetic_tv_before_mean"], ".3f"),
+                     f(r["synthetic_tv_after_mean"], ".3f")])
+    return ("DP synthetic instructions (the unit is one private prompt): each part's epsilon and the total "
+            "variation of the synthetic topic mixture to the real one\n\n" if markdown else
+            "DP synthetic instructions: each part's epsilon, topic TV to the real mixture\n") + render_table(
+        ["method", "ε", "generator ε", "histogram ε", "TV before filter", "TV after filter"], rows, markdown)
 
 
 def write_summary(summary: pd.DataFrame, out_dir) -> list[Path]:

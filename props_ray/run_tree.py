@@ -70,7 +70,7 @@ class RunTree:
         run_id = self.tracker.run(f"{self.job_cfg.name}/{name}", name, parent=self.job_run,
                                   tags={"props_ray.kind": "trial", "props_ray.method": method.method,
                                         M.PRIVACY_TAG: cfg.privacy_status})
-        params = {"method": method.method, "method_name": method.display_name,
+        params = {"method": method.method, "method_name": method.display_name, "privacy_unit": method.privacy_unit,
                   "epsilon": "inf" if epsilon is None else epsilon,
                   "stages": cfg.stages, "loss": method.stage_loss(1), "beta": cfg.train.beta,
                   "num_workers": cfg.train.num_workers, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,

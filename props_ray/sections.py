@@ -47,6 +47,8 @@ class MethodSection(Section):
     long_running: ClassVar[bool] = False
     #: Final-checkpoint metrics logged as params of each stage run (the mechanism's parameters).
     stage_params: ClassVar[tuple[str, ...]] = ()
+    #: What one neighbouring dataset differs in (logged with each trial, shown by ``report``).
+    privacy_unit: ClassVar[str] = "label"
 
     @property
     def display_name(self) -> str:
@@ -79,6 +81,7 @@ class NonprivateSection(MethodSection):
 
     private: ClassVar[bool] = False  # no epsilon: one trial
     labels: ClassVar[str] = "raw"
+    privacy_unit: ClassVar[str] = "none"
 
     @model_validator(mode="after")
     def _loss(self):
@@ -150,6 +153,7 @@ class DPSGDSection(MethodSection):
     labels: ClassVar[str] = "raw"
     engine: ClassVar[str] = "dpsgd"
     stage_params: ClassVar[tuple[str, ...]] = DPSGD_MECHANISM
+    privacy_unit: ClassVar[str] = "pair"
 
     @model_validator(mode="after")
     def _loss(self):
@@ -198,6 +202,10 @@ class DPRLHFSection(MethodSection):
     @property
     def engine(self) -> str:  # type: ignore[override]
         return "dpsgd" if self.privacy_model == "central" else "standard"
+
+    @property
+    def privacy_unit(self) -> str:  # type: ignore[override]
+        return "record (a reward-model pair or a PPO prompt)" if self.privacy_model == "central" else "label"
 
     @field_validator("ppo_epochs_per_batch")
     @classmethod
@@ -252,10 +260,11 @@ class SyntheticInstructionsSection(MethodSection):
                                                                    "(sensitivity 1); default 10 with dp_histogram")
     explained_variance: float = Field(0.9, gt=0, le=1, description="PCA keeps this share of the synthetic "
                                                                     "embeddings' variance")
-    generator_epochs: int | None = Field(None, gt=0, description="default train.epochs")
-    generator_lr: float | None = Field(None, gt=0, description="default train.lr")
+    generator_epochs: int = Field(4, gt=0, description="the generator's DP fine-tuning epochs")
+    generator_lr: float = Field(0.01, gt=0, description="the generator's learning rate")
 
     stage_params: ClassVar[tuple[str, ...]] = DPSGD_MECHANISM
+    privacy_unit: ClassVar[str] = "prompt"
 
     @model_validator(mode="after")
     def _noise(self):

@@ -43,7 +43,7 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     s = report["sections"]
-    assert set(s) == {"demo", "throughput", "dp_overhead", "relabel", "ppo", "gpu"}
+    assert set(s) == {"demo", "throughput", "dp_overhead", "relabel", "ppo", "synthetic", "gpu"}
     if s["gpu"].get("skipped"):  # CI has no GPU: the section says so instead of pretending
         assert "gpu: skipped (no CUDA device)" in table
 
@@ -62,9 +62,11 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     p = s["ppo"]
     assert p["worker_sequences_per_s"] > 0 and p["ray_data_sequences_per_s"] > 0
     assert p["ratio"] == pytest.approx(p["ray_data_step_s"] / p["worker_step_s"])
+    y = s["synthetic"]
+    assert y["samples_per_s"] == pytest.approx(y["samples"] / y["steady_s"]) and y["nonempty"] > 0
     demo = s["demo"]
     assert set(demo["trials"]) == {"props-mle-eps0.5"}  # --quick: PROPS alone, K = 2
     assert demo["trials"]["props-mle-eps0.5"]["relabel"] > 0 and demo["trials"]["props-mle-eps0.5"]["train"] > 0
     assert all(0.0 <= v["win_rate"] <= 1.0 for v in demo["results"].values())
-    for line in ("DPO training throughput", "DP-SGD step time", "Relabel throughput", "PPO rollouts", "Demo wall time"):
+    for line in ("DPO training throughput", "DP-SGD step time", "Relabel throughput", "PPO rollouts", "Generator samples/s", "Demo wall time"):
         assert line in table

@@ -58,7 +58,8 @@ def store(tmp_path_factory):
             "props_ray.kind": "trial", "props_ray.key": f"{job_name}/{name}", "mlflow.parentRunId": job_id,
             "props_ray.method": method, M.PRIVACY_TAG: "simulation"}).info.run_id
         params = {"method": method, "epsilon": "inf" if eps is None else str(eps), "stages": str(STAGES),
-                  "seed": str(seed), "loss": "sigmoid", "beta": "0.1"}
+                  "seed": str(seed), "loss": "sigmoid", "beta": "0.1",
+                  "privacy_unit": {"nonprivate": "none", "dpsgd": "pair"}.get(method, "label")}
         if rule:
             params["rule"] = rule
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
@@ -99,7 +100,7 @@ def store(tmp_path_factory):
                         "win_rate": metrics["win_rate"], "win_rate_ci_low": metrics["win_rate_ci_low"],
                         "win_rate_ci_high": metrics["win_rate_ci_high"], "label_accuracy": acc,
                         "stage_label_accuracy": stage_acc, M.EPSILON_SPENT: final_eps,
-                        "privacy": "simulation"}
+                        "privacy": "simulation", "privacy_unit": params["privacy_unit"]}
 
     old_job = job("old-sweep", 1_600_000_000_000)
     trial(old_job, "old-sweep", "rr", 8.0, 0)
@@ -244,7 +245,7 @@ def _markdown_rows(text):
 def test_format_summary_markdown_and_text_show_the_numbers(summary):
     md = format_summary(summary, markdown=True)
     head, rows = _markdown_rows(md)
-    assert head == ["method", "ε", "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI", "privacy"]
+    assert head == ["method", "ε", "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI", "unit", "privacy"]
     assert len(rows) == len(summary)
     for row, r in zip(rows, summary.to_dict("records")):
         assert row["method"] == r["method_label"]
@@ -253,6 +254,7 @@ def test_format_summary_markdown_and_text_show_the_numbers(summary):
             eps += f" (spent {r[f'{M.EPSILON_SPENT}_mean']:.4g})"
         assert row["ε"] == eps
         assert row["privacy"] == "simulation"
+        assert row["unit"] == {"nonprivate": "none", "dpsgd": "pair"}.get(r["method_label"], "label")
         assert row["seeds"] == "2"
         assert row["win rate ± 95% CI"] == f"{r['win_rate_mean']:.3f} ± {r['win_rate_ci']:.3f}"
         if r["method_label"] == "dpsgd":
@@ -263,8 +265,10 @@ def test_format_summary_markdown_and_text_show_the_numbers(summary):
 
     text = format_summary(summary, markdown=False)
     lines = text.splitlines()
-    assert len(lines) == 3 + len(summary) and "|" not in text
-    assert lines[-1].startswith("privacy: seeded randomness can be replayed")  # the fixture's runs are seeded
+    assert len(lines) == 4 + len(summary) and "|" not in text
+    assert lines[-2].startswith("privacy: seeded randomness can be replayed")  # the fixture's runs are seeded
+    assert lines[-1].startswith("unit: what neighbouring datasets differ in")
+    assert "DP synthetic instructions" not in text  # no such trial in the fixture
     assert set(lines[1]) <= {"-", " "}
     for line, r in zip(lines[2:], summary.to_dict("records")):
         assert line.split()[0] == r["method_label"]

@@ -149,3 +149,21 @@ def test_synthetic_instructions_config_errors_name_the_field():
                       "methods": [{"method": "synthetic_instructions", "clusters": 5000}]})
     with pytest.raises(ConfigError, match=r"histogram_noise"):
         validate_job({"name": "j", "methods": [{"method": "synthetic_instructions", "histogram_noise": 0}]})
+
+
+def test_report_shows_the_unit_each_part_and_the_filter(run):
+    from mlflow.tracking import MlflowClient
+
+    from props_ray.report import format_summary, summarize, trials_from_mlflow
+
+    cfg, _, _ = run
+    trials = trials_from_mlflow(MlflowClient(cfg.tracking.resolved_uri()), cfg.tracking.experiment)
+    assert set(trials["privacy_unit"]) == {"prompt"}
+    text = format_summary(summarize(trials), markdown=True)
+    synthetic = text[text.index("DP synthetic instructions"):]
+    rows = [r for r in synthetic.splitlines() if r.startswith("| synthetic")]
+    assert len(rows) == 2
+    filtered = [c.strip() for c in rows[0].strip("|").split("|")]
+    unfiltered = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert float(filtered[2]) < 4.0 and float(filtered[3]) > 0  # generator and histogram each spend a part
+    assert unfiltered[3] == "-"  # no histogram without the filter

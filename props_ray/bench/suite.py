@@ -12,6 +12,8 @@ on a timing.
 - ``relabel``: Ray Data actor-pool scoring vs a plain loop (:mod:`props_ray.bench.relabel`);
 - ``ppo``: on-policy PPO rollouts (sequences/s) in the training worker vs through Ray Data batch
   inference (:mod:`props_ray.bench.ppo`);
+- ``synthetic``: the synthetic-instruction generator's samples/s through Ray Data
+  (:mod:`props_ray.bench.synthetic`);
 - ``gpu``: a Pythia-1B-architecture model in bf16 on CUDA: pairs/s, tokens/s, MFU and the DP-SGD
   ratio (:mod:`props_ray.bench.gpu`); skipped, and said so, without a CUDA device.
 
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from props_ray.tables import render_table
 
-SECTIONS = ("demo", "throughput", "dp_overhead", "relabel", "ppo", "gpu")
+SECTIONS = ("demo", "throughput", "dp_overhead", "relabel", "ppo", "synthetic", "gpu")
 GOALS = {"throughput": (">=", 1.2), "dp_time": ("<=", 1.10), "dp_memory": ("<=", 1.3), "relabel": (">=", 0.9),
          "ppo": (">=", 1.0),
          "demo_s": ("<=", 180.0)}
@@ -41,7 +43,7 @@ SIZES = {
     # --quick: PROPS alone with K = 2 (two training runs and a relabel), fewer pairs and prompts.
     "demo_overrides": (["data.num_pairs=900", "data.eval_prompts=64", "stages=2", "methods=[{method: props}]"], []),
     "throughput_pairs": (512, 2048), "throughput_epochs": (2, 3),
-    "dp_steps": (8, 30), "relabel_pairs": (1024, 4096), "ppo_steps": (3, 8), "gpu_steps": (5, 10),
+    "dp_steps": (8, 30), "relabel_pairs": (1024, 4096), "ppo_steps": (3, 8), "synthetic_samples": (1024, 8192), "gpu_steps": (5, 10),
 }
 
 
@@ -81,7 +83,7 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
                                                   [*_size("demo_overrides", quick), *(overrides or [])],
                                                   say=lambda m: say(f"  {m}"))
 
-    need_ray = {"throughput", "relabel", "ppo"} & set(sections)
+    need_ray = {"throughput", "relabel", "ppo", "synthetic"} & set(sections)
     cfg = bench_job(str(out_dir / "train"), _size("throughput_pairs", quick), 32, _size("throughput_epochs", quick),
                     num_workers=2, cpus_per_worker=1)
     base = resolve_reference(cfg) if need_ray else None
@@ -130,6 +132,13 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
         say(f"[bench] ppo: on-policy rollouts, {steps} steps of 32 prompts, in the worker vs through Ray Data")
         report["sections"]["ppo"] = ppo.measure(cfg, base, prompts, batch=32, steps=steps)
 
+    if "synthetic" in sections:
+        from props_ray.bench import synthetic
+
+        n = _size("synthetic_samples", quick)
+        say(f"[bench] synthetic: {n} unconditional generator samples through Ray Data, twice")
+        report["sections"]["synthetic"] = synthetic.measure(cfg, base, n)
+
     if "gpu" in sections:
         from props_ray.bench import gpu
 
@@ -175,6 +184,10 @@ def format_report(report: dict) -> str:
         p = s["ppo"]
         rows.append(["PPO rollouts (sequences/s, in the worker)", f"{p['worker_sequences_per_s']:.0f}",
                      f"Ray Data {p['ray_data_sequences_per_s']:.0f}", f"{p['ratio']:.2f}x", verdict("ppo", p["ratio"])])
+    if "synthetic" in s:
+        y = s["synthetic"]
+        rows.append(["Generator samples/s (synthetic instructions)", f"{y['samples_per_s']:.0f}", "-", "-",
+                     "no goal"])
     if "gpu" in s and "skipped" not in s["gpu"]:
         g = s["gpu"]
         rows.append([f"GPU DP-SGD step time (ms, {g['model']})", f"{g['dpsgd']['step_ms']:.1f}",
@@ -204,6 +217,10 @@ def format_report(report: dict) -> str:
                      f"{p['worker_step_s'] * 1000:.0f} ms in the worker, {p['ray_data_step_s'] * 1000:.0f} ms through "
                      f"Ray Data with the new policy handed over ({p['ray_data_first_step_s']:.1f}s the first time); "
                      "PPO rolls out in the worker")
+    if "synthetic" in s:
+        y = s["synthetic"]
+        lines.append(f"synthetic: {y['samples']} samples in {y['steady_s']:.1f}s ({y['first_call_s']:.1f}s the "
+                     "first time, with the workers' start-up and model load)")
     if "gpu" in s:
         from props_ray.bench.gpu import format_lines
 

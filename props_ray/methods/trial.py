@@ -142,14 +142,14 @@ class Trial:
         return [p for k in range(1, self.cfg.stages + 1) for p in self.data.partition(k)["prompt"]]
 
     def train_generator(self, stage: int, prompts: list[str], epsilon: float | None, compose_with: list,
-                        epochs: int | None, lr: float | None) -> dict:
+                        epochs: int, lr: float) -> dict:
         """The synthetic-instruction generator on ``prompts`` (DP-SGD with the prompt as the unit, within
         ``epsilon`` together with the ``compose_with`` mechanisms), as stage ``stage``; resumed, not
         retrained. Delta comes from the data's size."""
         from props_ray.train.trainer import fit_generator
 
         if str(stage) not in self.checkpoints:
-            train = self.cfg.train.model_copy(update={k: v for k, v in (("epochs", epochs), ("lr", lr)) if v})
+            train = self.cfg.train.model_copy(update={"epochs": epochs, "lr": lr})
             t = time.time()
             ck = fit_generator(self.cfg.model_copy(update={"train": train}), prompts, self.base_path,
                                name=f"{self.name}-generator", epsilon=epsilon, compose_with=compose_with,

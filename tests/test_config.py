@@ -9,8 +9,9 @@ def test_demo_job_validates():
     cfg = load_job("jobs/demo.yaml")
     assert [(m.display_name, e) for m, e in cfg.trials()] == [("nonprivate", None), ("rr", 0.5), ("props-mle", 0.5),
                                                               ("dpsgd", 0.5), ("dprlhf-central", 0.5),
-                                                              ("dprlhf-label", 0.5)]
-    assert cfg.train.num_workers == 2 and cfg.stages == 3
+                                                              ("dprlhf-label", 0.5),
+                                                              ("synthetic-instructions", 0.5)]
+    assert cfg.train.num_workers == 2 and cfg.stages == 3 and cfg.task.prompt_mix == "skewed"
 
 
 def test_errors_name_the_field_and_value():

@@ -200,7 +200,8 @@ class Job:
 
     def _log_trial(self, v: Variant, trial: Trial, run_id: str, outcome: dict) -> TrialResult:
         state = json.loads(trial.state_path.read_text())  # what the recipe wrote, here or in a task
-        result = self.runs.log_trial(run_id, v.cfg, trial.method, trial.epsilon, trial.name, state, outcome)
+        result = self.runs.log_trial(run_id, v.cfg, trial.method, trial.epsilon, trial.name, state, outcome,
+                                     trial.dir)
         trial.state = state
         trial.save()
         win, acc = result.win, result.label_accuracy

@@ -29,16 +29,24 @@ from props_ray.tracking import KEY_TAG, PARENT_TAG
 
 KIND_TAG = "props_ray.kind"
 
+#: What keeps ranking methods once win rates saturate: the judged reward (and the reference's), the
+#: normalised gain (R - R_ref) / (R_nonprivate - R_ref) and the head-to-head win rate against the
+#: non-private policy of the same seed (from the trials' per-comparison scores).
+REWARD_METRICS = ("reward_mean", "reward_ci_low", "reward_ci_high", "reference_reward_mean")
+RANKING_COLUMNS = ("reward_mean", "normalised_gain", "win_rate_vs_nonprivate")
+
 #: DP synthetic instructions' own figures: each part's epsilon and the topic TV before and after the filter.
 SYNTHETIC_METRICS = ("generator_epsilon", "histogram_epsilon", "synthetic_tv_before", "synthetic_tv_after")
 
 TRIAL_COLUMNS = ["run_id", "trial", "method_label", "method", "rule", "epsilon", "seed", "stages",
                  "win_rate", "win_rate_ci_low", "win_rate_ci_high", "label_accuracy",
-                 "stage_label_accuracy", M.EPSILON_SPENT, "privacy", "privacy_unit", *SYNTHETIC_METRICS]
+                 "stage_label_accuracy", M.EPSILON_SPENT, "privacy", "privacy_unit", *SYNTHETIC_METRICS,
+                 *REWARD_METRICS, "normalised_gain", "win_rate_vs_nonprivate"]
 
 SUMMARY_COLUMNS = ["method_label", "epsilon", "stages", "n_seeds", "win_rate_mean", "win_rate_ci",
                    "win_rate_trial_ci", "label_accuracy_mean", "label_accuracy_ci", f"{M.EPSILON_SPENT}_mean",
-                   "privacy", "privacy_unit", *(f"{k}_mean" for k in SYNTHETIC_METRICS)]
+                   "privacy", "privacy_unit", *(f"{k}_mean" for k in SYNTHETIC_METRICS),
+                   *(x for k in RANKING_COLUMNS for x in (f"{k}_mean", f"{k}_ci")), "reward_trial_ci"]
 
 # -- reading the run tree -------------------------------------------------------------------------------------
 def _search_all(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None,
@@ -175,9 +183,11 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
             M.EPSILON_SPENT: _float(m.get(M.EPSILON_SPENT)),
             "privacy": r.data.tags.get(M.PRIVACY_TAG, "unknown"),
             "privacy_unit": p.get("privacy_unit", "unknown"),
-            **{k: _float(m.get(k)) for k in SYNTHETIC_METRICS},
+            **{k: _float(m.get(k)) for k in (*SYNTHETIC_METRICS, *REWARD_METRICS)},
         })
-    df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+    df = pd.DataFrame([{**r, "normalised_gain": math.nan, "win_rate_vs_nonprivate": math.nan} for r in rows],
+                      columns=TRIAL_COLUMNS)
+    _against_nonprivate(client, df)
     df["seed"] = df["seed"].astype("Int64")
     df["stages"] = df["stages"].astype("Int64")
     df["_m"] = df["method_label"].map(method_sort_key)
@@ -185,6 +195,40 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
     df.attrs["job_run_id"] = job_id
     df.attrs["job_name"] = job.info.run_name
     return df.reset_index(drop=True)
+
+
+def _eval_scores(client, run_id: str) -> dict | None:
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(client.download_artifacts(run_id, "eval/eval-scores.json", tmp)).read_text())
+    except (MlflowException, OSError, ValueError):
+        return None
+
+
+def _against_nonprivate(client, df: pd.DataFrame) -> None:
+    """Fill ``normalised_gain`` and ``win_rate_vs_nonprivate`` from the non-private trial of the same
+    (seed, K) variant: same held-out prompts, same judge."""
+    from props_ray.win_rate import normalised_gain, win_rate
+
+    for _, g in df.groupby([df["seed"].astype("Int64").fillna(-1), df["stages"].astype("Int64").fillna(-1)]):
+        ceiling = g[g["method"] == "nonprivate"]
+        if ceiling.empty:
+            continue
+        top = ceiling.iloc[0]
+        top_scores = _eval_scores(client, top["run_id"])
+        for i, r in g.iterrows():
+            df.loc[i, "normalised_gain"] = normalised_gain(r["reward_mean"], r["reference_reward_mean"],
+                                                           top["reward_mean"])
+            mine = _eval_scores(client, r["run_id"]) if top_scores else None
+            if mine and len(mine["policy"]) == len(top_scores["policy"]):
+                groups = np.arange(len(mine["policy"])) // int(mine["samples_per_prompt"])
+                df.loc[i, "win_rate_vs_nonprivate"] = win_rate(mine["policy"], top_scores["policy"],
+                                                               groups=groups).win_rate
 
 
 # -- aggregation ----------------------------------------------------------------------------------------------
@@ -240,6 +284,10 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             "privacy": ", ".join(sorted(set(g["privacy"].dropna()))) if "privacy" in g else "unknown",
             "privacy_unit": ", ".join(sorted(set(g["privacy_unit"].dropna()))) if "privacy_unit" in g else "unknown",
             **{f"{k}_mean": _mean(g[k]) if k in g else math.nan for k in SYNTHETIC_METRICS},
+            **{x: v for k in RANKING_COLUMNS for x, v in ((f"{k}_mean", _mean(g[k]) if k in g else math.nan),
+                                                           (f"{k}_ci", t_ci_half_width(g[k]) if k in g else math.nan))},
+            "reward_trial_ci": _mean((g["reward_ci_high"] - g["reward_ci_low"]) / 2) if "reward_ci_high" in g
+            else math.nan,
         })
     s = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     s["stages"] = s["stages"].astype("Int64")
@@ -256,7 +304,9 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
     Label accuracy with one seed is shown without a CI; ``-`` where it was not measured (dpsgd).
     """
     show_k = "stages" in summary and summary["stages"].dropna().nunique() > 1
-    head = ["method", "ε", *(["K"] if show_k else []), "seeds", "win rate ± 95% CI", "label accuracy ± 95% CI",
+    ranks = "reward_mean_mean" in summary and summary["reward_mean_mean"].notna().any()
+    head = ["method", "ε", *(["K"] if show_k else []), "seeds", "win rate ± 95% CI",
+            *(["reward ± 95% CI", "gain", "vs non-private"] if ranks else []), "label accuracy ± 95% CI",
             "unit", "privacy"]
     rows, single = [], False
     for r in summary.to_dict("records"):
@@ -281,7 +331,8 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
         privacy = "unknown" if privacy is None or (isinstance(privacy, float) and pd.isna(privacy)) else str(privacy)
         unit = r.get("privacy_unit")
         unit = "unknown" if unit is None or (isinstance(unit, float) and pd.isna(unit)) else str(unit)
-        rows.append([str(r["method_label"]), eps, *k, str(int(r["n_seeds"])), win, acc_s, unit, privacy])
+        rank = _ranking_cells(r) if ranks else []
+        rows.append([str(r["method_label"]), eps, *k, str(int(r["n_seeds"])), win, *rank, acc_s, unit, privacy])
     notes = ["† one seed: the trial's own 95% CI over evaluation comparisons, not over seeds"] if single else []
     seen = {row[-1] for row in rows}
     if seen & {"simulation", "not private"}:
@@ -294,6 +345,17 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
         table += ("\n\n" if markdown else "\n") + "\n".join(notes)
     synthetic = _synthetic_table(summary, markdown)
     return table + (("\n\n" + synthetic) if synthetic else "")
+
+
+def _ranking_cells(r: dict) -> list[str]:
+    """reward ± CI (over seeds; the trial's prompt-clustered CI with one seed), normalised gain and the
+    head-to-head win rate against the non-private policy, '-' where not measured."""
+    def num(v, spec=".3f"):
+        return "-" if v is None or pd.isna(v) else format(v, spec)
+
+    ci = r["reward_mean_ci"] if r["n_seeds"] > 1 else r.get("reward_trial_ci")
+    reward = "-" if pd.isna(r["reward_mean_mean"]) else f"{r['reward_mean_mean']:.3f} ± {num(ci)}"
+    return [reward, num(r["normalised_gain_mean"], ".2f"), num(r["win_rate_vs_nonprivate_mean"])]
 
 
 def _synthetic_table(summary: pd.DataFrame, markdown: bool) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from props_ray import metrics as M
 from props_ray.config import JobConfig, dump_job
+from props_ray.methods.trial import EVAL_SCORES
 from props_ray.privacy.randomized_response import flip_probability
 from props_ray.results import TrialResult, format_table, summary_table
 from props_ray.sections import MethodSection
@@ -86,7 +87,7 @@ class RunTree:
         return run_id
 
     def log_trial(self, run_id: str, cfg: JobConfig, method: MethodSection, epsilon: float | None, name: str,
-                  state: dict, outcome: dict) -> TrialResult:
+                  state: dict, outcome: dict, trial_dir: Path | None = None) -> TrialResult:
         """Log a computed trial (its stages, results and final adapter) and mark it complete in ``state``."""
         checkpoints = state["stages"]
         for k in sorted(checkpoints, key=int):  # the method's stages (K of them for DPO methods)
@@ -105,6 +106,9 @@ class RunTree:
         for k, a in enumerate(stage_acc, start=1):
             self.tracker.metrics(run_id, {M.STAGE_LABEL_ACCURACY: a}, step=k)
         self.tracker.artifact(run_id, final["model_path"], "adapter")
+        scores = trial_dir / EVAL_SCORES if trial_dir is not None else None
+        if scores is not None and scores.exists():
+            self.tracker.artifact(run_id, scores, "eval")
         state["result"] = {"trial": name, "method": method.method, "epsilon": epsilon, "stages": cfg.stages,
                            "win": win.as_dict(), "label_accuracy": acc, "stage_label_accuracy": stage_acc,
                            "extra": extra}

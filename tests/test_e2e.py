@@ -133,3 +133,23 @@ def test_rerun_resumes_without_redrawing_or_duplicating(demo_run, ray_local):
     assert json.loads(next((cfg.job_dir.parent / "ledger").rglob("ledger.json")).read_text())["draws"] == cumulative
     assert len(client.search_runs([exp], max_results=1000)) == n_runs
     assert [r.win.win_rate for r in again] == [r.win.win_rate for r in results]
+
+
+def test_report_ranks_by_reward_gain_and_head_to_head(demo_run):
+    from props_ray.report import format_summary, summarize, trials_from_mlflow
+
+    cfg, results = demo_run
+    client, _ = _client(cfg)
+    trials = trials_from_mlflow(client, cfg.tracking.experiment).set_index("method_label")
+    top = trials.loc["nonprivate"]
+    assert top["normalised_gain"] == pytest.approx(1.0)  # the ceiling measured against itself
+    assert top["win_rate_vs_nonprivate"] == pytest.approx(0.5)  # every comparison a tie with itself
+    for label, t in trials.iterrows():
+        scores = json.loads((cfg.job_dir / "trials" / t["trial"] / "eval-scores.json").read_text())
+        assert t["reward_mean"] == pytest.approx(sum(scores["policy"]) / len(scores["policy"]))
+        assert t["reward_ci_low"] <= t["reward_mean"] <= t["reward_ci_high"]
+        want = (t["reward_mean"] - t["reference_reward_mean"]) / (top["reward_mean"] - t["reference_reward_mean"])
+        assert t["normalised_gain"] == pytest.approx(want)
+        assert 0.0 <= t["win_rate_vs_nonprivate"] <= 1.0
+    text = format_summary(summarize(trials.reset_index()), markdown=True)
+    assert "| reward ± 95% CI | gain | vs non-private |" in text

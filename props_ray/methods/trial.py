@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import pandas as pd
 
 from props_ray.privacy.randomized_response import flip_probability
-from props_ray.win_rate import WinRate, label_accuracy, win_rate
+from props_ray.win_rate import WinRate, label_accuracy, reward_summary, win_rate
+
+#: A trial's per-comparison judge scores (policy and reference), logged as an artifact.
+EVAL_SCORES = "eval-scores.json"
 
 if TYPE_CHECKING:
     from props_ray.config import JobConfig
@@ -213,10 +217,17 @@ class Trial:
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, final: dict) -> tuple[WinRate, float]:
-        """Win rate of the final model's generations against the reference's, by the job's judge."""
+        """Win rate of the final model's generations against the reference's, and their mean reward, by
+        the job's judge; CIs clustered by prompt. The per-comparison scores (numbers only) are kept in
+        ``eval-scores.json`` for head-to-head comparisons between methods."""
         t = time.time()
-        win = win_rate(self.judge.score(generate(self.cfg, self.data, self.base_path, final["model_path"])),
-                       self.reference_scores)
+        scores = np.asarray(self.judge.score(generate(self.cfg, self.data, self.base_path, final["model_path"])))
+        reference = np.asarray(self.reference_scores)
+        prompt = np.arange(len(scores)) // self.cfg.eval.samples_per_prompt  # rows are in prompt order
+        win = win_rate(scores, reference, groups=prompt)
+        self.state["eval_metrics"] = reward_summary(scores, reference, prompt)
+        (self.dir / EVAL_SCORES).write_text(json.dumps({"samples_per_prompt": self.cfg.eval.samples_per_prompt,
+                                                        "policy": scores.tolist(), "reference": reference.tolist()}))
         seconds = time.time() - t
         self.add_time("eval", seconds)
         return win, seconds
@@ -239,7 +250,8 @@ class Trial:
         self.state["outcome"] = {"stage_info": {str(k): v for k, v in (stage_info or {}).items()},
                                  "stage_pairs": {str(k): len(p) for k, p in used.items()},
                                  "win": win.as_dict(), "label_accuracy": acc, "stage_label_accuracy": stage_acc,
-                                 "extra": extra or {}, "eval_seconds": eval_seconds, "started": self.started,
+                                 "extra": {**self.state.get("eval_metrics", {}), **(extra or {})},
+                                 "eval_seconds": eval_seconds, "started": self.started,
                                  "finished": time.time()}
         self.save()
         return self.state["outcome"]

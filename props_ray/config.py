@@ -186,6 +186,15 @@ class SweepConfig(_Section):
         return v
 
 
+class AuditConfig(_Section):
+    """An empirical privacy audit: canary pairs whose label is a secret fair coin are trained on with the
+    data; each trial's released model guesses them, and a Clopper--Pearson bound on its accuracy gives a
+    lower bound on epsilon, logged beside the claim (:mod:`props_ray.privacy.audit`)."""
+
+    canaries: int = Field(0, ge=0, description="canary pairs inserted into the training data (0: no audit)")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="one-sided: the bound holds with confidence 1 - alpha")
+
+
 class JobConfig(_Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -200,9 +209,12 @@ class JobConfig(_Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _check(self):
+        if self.audit.canaries and self.data.source != "embedded":
+            raise ValueError("audit.canaries needs data.source 'embedded': the canaries are drawn from its task")
         props = self.data.stage_proportions
         if props is not None and len(props) != self.stages:
             raise ValueError(f"data.stage_proportions has {len(props)} entries but stages is {self.stages}")

@@ -33,7 +33,7 @@ KIND_TAG = "props_ray.kind"
 #: normalised gain (R - R_ref) / (R_nonprivate - R_ref) and the head-to-head win rate against the
 #: non-private policy of the same seed (from the trials' per-comparison scores).
 REWARD_METRICS = ("reward_mean", "reward_ci_low", "reward_ci_high", "reference_reward_mean")
-RANKING_COLUMNS = ("reward_mean", "normalised_gain", "win_rate_vs_nonprivate")
+RANKING_COLUMNS = ("reward_mean", "normalised_gain", "win_rate_vs_nonprivate", "audit_epsilon_lower_bound")
 
 #: DP synthetic instructions' own figures: each part's epsilon and the topic TV before and after the filter.
 SYNTHETIC_METRICS = ("generator_epsilon", "histogram_epsilon", "synthetic_tv_before", "synthetic_tv_after")
@@ -41,7 +41,7 @@ SYNTHETIC_METRICS = ("generator_epsilon", "histogram_epsilon", "synthetic_tv_bef
 TRIAL_COLUMNS = ["run_id", "trial", "method_label", "method", "rule", "epsilon", "seed", "stages",
                  "win_rate", "win_rate_ci_low", "win_rate_ci_high", "label_accuracy",
                  "stage_label_accuracy", M.EPSILON_SPENT, "privacy", "privacy_unit", *SYNTHETIC_METRICS,
-                 *REWARD_METRICS, "normalised_gain", "win_rate_vs_nonprivate"]
+                 *REWARD_METRICS, "normalised_gain", "win_rate_vs_nonprivate", "audit_epsilon_lower_bound"]
 
 SUMMARY_COLUMNS = ["method_label", "epsilon", "stages", "n_seeds", "win_rate_mean", "win_rate_ci",
                    "win_rate_trial_ci", "label_accuracy_mean", "label_accuracy_ci", f"{M.EPSILON_SPENT}_mean",
@@ -183,7 +183,7 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
             M.EPSILON_SPENT: _float(m.get(M.EPSILON_SPENT)),
             "privacy": r.data.tags.get(M.PRIVACY_TAG, "unknown"),
             "privacy_unit": p.get("privacy_unit", "unknown"),
-            **{k: _float(m.get(k)) for k in (*SYNTHETIC_METRICS, *REWARD_METRICS)},
+            **{k: _float(m.get(k)) for k in (*SYNTHETIC_METRICS, *REWARD_METRICS, "audit_epsilon_lower_bound")},
         })
     df = pd.DataFrame([{**r, "normalised_gain": math.nan, "win_rate_vs_nonprivate": math.nan} for r in rows],
                       columns=TRIAL_COLUMNS)
@@ -305,7 +305,9 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
     """
     show_k = "stages" in summary and summary["stages"].dropna().nunique() > 1
     ranks = "reward_mean_mean" in summary and summary["reward_mean_mean"].notna().any()
-    head = ["method", "ε", *(["K"] if show_k else []), "seeds", "win rate ± 95% CI",
+    audited = "audit_epsilon_lower_bound_mean" in summary and summary["audit_epsilon_lower_bound_mean"].notna().any()
+    head = ["method", "ε", *(["audit ε ≥"] if audited else []), *(["K"] if show_k else []), "seeds",
+            "win rate ± 95% CI",
             *(["reward ± 95% CI", "gain", "vs non-private"] if ranks else []), "label accuracy ± 95% CI",
             "unit", "privacy"]
     rows, single = [], False
@@ -332,12 +334,18 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
         unit = r.get("privacy_unit")
         unit = "unknown" if unit is None or (isinstance(unit, float) and pd.isna(unit)) else str(unit)
         rank = _ranking_cells(r) if ranks else []
-        rows.append([str(r["method_label"]), eps, *k, str(int(r["n_seeds"])), win, *rank, acc_s, unit, privacy])
+        audit = [] if not audited else ["-" if pd.isna(r["audit_epsilon_lower_bound_mean"]) else
+                                        f"{r['audit_epsilon_lower_bound_mean']:.3g}"]
+        rows.append([str(r["method_label"]), eps, *audit, *k, str(int(r["n_seeds"])), win, *rank, acc_s, unit,
+                     privacy])
     notes = ["† one seed: the trial's own 95% CI over evaluation comparisons, not over seeds"] if single else []
     seen = {row[-1] for row in rows}
     if seen & {"simulation", "not private"}:
         notes.append("privacy: seeded randomness can be replayed from the seed, so such runs are not private "
                      "(simulation: the embedded task)")
+    if audited:
+        notes.append("audit ε ≥: the lower bound on ε that the canary audit proves at 95% (Clopper-Pearson on "
+                     "its guesses of the canaries' secret labels); above the claimed ε means a broken mechanism")
     notes.append("unit: what neighbouring datasets differ in (a label, a pair, a prompt, ...); a method with "
                  "a larger unit protects more at the same epsilon")
     table = render_table(head, rows, markdown)

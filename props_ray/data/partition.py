@@ -48,14 +48,17 @@ def split_partitions(pairs: pd.DataFrame, k: int, key: str, seed: int,
     return parts
 
 
-def hold_out(pairs: pd.DataFrame, n_eval: int, key: str, seed: int) -> tuple[pd.DataFrame, list[str]]:
+def hold_out(pairs: pd.DataFrame, n_eval: int, key: str, seed: int,
+             exclude: set[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Set aside ``n_eval`` prompts as held-out evaluation prompts; every pair sharing one of them is
     removed from training, so the evaluation prompts are never trained on.
 
-    The held-out prompts are the ``n_eval`` distinct prompts with the smallest keyed hash (the same key
+    ``exclude``: prompts never held out. The held-out prompts are the ``n_eval`` distinct prompts with the smallest keyed hash (the same key
     and seed as the stages): adding or removing one pair changes the status of at most one other prompt.
     """
     prompts = pd.unique(pairs["prompt"])
+    if exclude:  # prompts that must stay in training (audit canaries)
+        prompts = prompts[~pd.Series(prompts).isin(exclude).to_numpy()]
     if n_eval >= len(prompts):
         raise DataError(f"data.eval_prompts = {n_eval} leaves no training prompts "
                         f"(the data has {len(prompts)} distinct prompts)")

@@ -23,6 +23,7 @@ from props_ray.data.partition import hold_out, split_partitions
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDED_PAIRS = 3000
+CANARY_PREFIX = "canary-"
 
 
 @dataclass
@@ -34,6 +35,11 @@ class PreparedData:
     source: str
     ledger: Ledger
     ledger_action: str  # what the driver's draw step will do: 'none', 'reuse' or 'draw'
+
+    def canaries(self) -> pd.DataFrame:
+        """The audit's canary pairs as trained on, raw ("chosen" is the secret coin's pick)."""
+        every = pd.concat(self.partitions, ignore_index=True)
+        return every[every["id"].astype(str).str.startswith(CANARY_PREFIX)].reset_index(drop=True)
 
     @property
     def num_pairs(self) -> int:
@@ -58,7 +64,11 @@ def load_dataset(cfg: JobConfig) -> tuple[pd.DataFrame, list[dict], str]:
     if cfg.is_embedded:
         from props_ray.reference import embedded_task
 
-        pairs = embedded_task(cfg).preference_pairs(cfg.data.num_pairs or DEFAULT_EMBEDDED_PAIRS, cfg.seed)
+        task = embedded_task(cfg)
+        pairs = task.preference_pairs(cfg.data.num_pairs or DEFAULT_EMBEDDED_PAIRS, cfg.seed)
+        if cfg.audit.canaries:  # the audit's canaries are training data like any other pair
+            canaries = task.canary_pairs(cfg.audit.canaries, cfg.seed, set(pairs["prompt"]))
+            pairs = pd.concat([pairs, canaries], ignore_index=True)
         return pairs, [], "embedded"
     from props_ray.data.loaders import load_preferences
 
@@ -75,7 +85,9 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     pairs = dataset
     if not cfg.is_embedded and cfg.data.num_pairs is not None:
         pairs = pairs.head(cfg.data.num_pairs).reset_index(drop=True)
-    pairs, eval_prompts = hold_out(pairs, cfg.data.eval_prompts, ledger.partition_key, cfg.seed)
+    canary_prompts = (set(pairs.loc[pairs["id"].astype(str).str.startswith(CANARY_PREFIX), "prompt"])
+                      if cfg.audit.canaries else set())
+    pairs, eval_prompts = hold_out(pairs, cfg.data.eval_prompts, ledger.partition_key, cfg.seed, canary_prompts)
     partitions = split_partitions(pairs, cfg.stages, ledger.partition_key, cfg.seed, cfg.data.stage_proportions)
     n = sum(len(p) for p in partitions)
     if any(m.method == "dpsgd" for m in cfg.methods):

@@ -180,6 +180,29 @@ class EmbeddedTask:
             "rejected": np.where(a_wins, b, a),
         })
 
+    def canary_pairs(self, n: int, seed: int, avoid: set[str]) -> pd.DataFrame:
+        """``n`` audit canaries {id, prompt, chosen, rejected}: distinct prompts that no pair in ``avoid``
+        has, two random responses, and which one is "chosen" a fair coin, independent of the reward."""
+        rng = np.random.default_rng([seed, 0xCA7A])
+        prompts: list[str] = []
+        seen = set(avoid)
+        for _ in range(1000 * max(n, 1)):
+            if len(prompts) == n:
+                break
+            p = self.sample_prompts(1, rng, mix="uniform")[0]
+            if p not in seen:
+                seen.add(p)
+                prompts.append(p)
+        if len(prompts) < n:
+            raise ValueError(f"the task has too few distinct prompts left for {n} canaries")
+        a, b = self.sample_responses(n, rng), self.sample_responses(n, rng)
+        for i in range(n):
+            while a[i] == b[i]:
+                b[i] = self.sample_responses(1, rng)[0]
+        coin = rng.random(n) < 0.5
+        return pd.DataFrame({"id": [f"canary-{i:06d}" for i in range(n)], "prompt": prompts,
+                             "chosen": np.where(coin, a, b), "rejected": np.where(coin, b, a)})
+
     def simulate_preferences(self, prompts, a, b, rng: np.random.Generator) -> np.ndarray:
         """The simulated human labeller: True where response ``a`` is preferred, drawn from the
         Bradley--Terry model on the true reward."""

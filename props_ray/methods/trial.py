@@ -228,9 +228,40 @@ class Trial:
         self.state["eval_metrics"] = reward_summary(scores, reference, prompt)
         (self.dir / EVAL_SCORES).write_text(json.dumps({"samples_per_prompt": self.cfg.eval.samples_per_prompt,
                                                         "policy": scores.tolist(), "reference": reference.tolist()}))
+        if self.cfg.audit.canaries:
+            self.state["eval_metrics"].update(self.audit(final))
         seconds = time.time() - t
         self.add_time("eval", seconds)
         return win, seconds
+
+    def audit(self, final: dict) -> dict:
+        """The canary audit of the released model: it guesses each canary's secret label from its implicit
+        reward margin (Ray Data batch inference, as a relabel), and the Clopper--Pearson bound on the
+        guesses' accuracy gives a lower bound on epsilon (with the trial's delta for (epsilon, delta)
+        methods). Only the count of right guesses leaves this step."""
+        from props_ray.data.tokenize_step import to_training_dataset
+        from props_ray.privacy.audit import epsilon_lower_bound
+        from props_ray.relabel import score_partition
+
+        canaries = self.data.canaries()
+        tok = self.cfg.model.tokenizer or self.base_path
+        ds = to_training_dataset(canaries, tok, self.cfg.data.max_prompt_length, self.cfg.data.max_response_length,
+                                 keep_id=True)
+        margins = score_partition(ds, base_path=self.base_path, adapter_path=final["model_path"],
+                                  model_cfg=self.cfg.model, beta=self.cfg.train.beta, use_gpu=self.cfg.train.use_gpu)
+        margin = canaries[["id"]].merge(margins, on="id", how="left")["margin"].to_numpy()
+        rng = np.random.default_rng([self.cfg.seed, 0xA0D17])
+        guess = np.where(margin == 0, rng.random(len(margin)) < 0.5, margin > 0)  # a tie is a coin
+        correct = int(guess.sum())  # "chosen" holds the coin's pick, so guessing "chosen" is right
+        delta = 0.0 if self.method.privacy_unit in ("label", "none") else self._delta()
+        return {"audit_canaries": len(canaries), "audit_correct": correct,
+                "audit_accuracy": correct / max(len(canaries), 1),
+                "audit_epsilon_lower_bound": epsilon_lower_bound(correct, len(canaries), delta, self.cfg.audit.alpha)}
+
+    def _delta(self) -> float:
+        from props_ray.privacy.accounting import resolve_delta
+
+        return resolve_delta(self.cfg.privacy.dpsgd.delta, self.data.num_pairs)
 
     def label_accuracy(self, used: dict[int, pd.DataFrame]) -> tuple[float | None, list[float]]:
         """Fraction of the trained-on labels that equal the true ones, overall and per stage (the embedded

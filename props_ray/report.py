@@ -259,7 +259,10 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
     half-width over seeds; 0 with one seed), win_rate_trial_ci (mean of the trials' own 95% CI
     half-widths, the evaluation noise within a trial: the uncertainty to quote with one seed),
     label_accuracy_mean, label_accuracy_ci (NaN where no trial logged label accuracy),
-    epsilon_spent_mean (dpsgd), privacy (the trials' privacy tags). Sorted by method (nonprivate, rr, props-*, dpsgd, others) then epsilon.
+    epsilon_spent_mean (dpsgd), privacy (the trials' privacy tags), privacy_unit; the means (and
+    t-intervals over seeds, ``_ci``) of the reward, normalised gain, head-to-head win rate against
+    non-private and audit bound, with ``reward_trial_ci`` (the trials' own prompt-clustered CI); DP
+    synthetic instructions' figures. Sorted by method (the registry's order) then epsilon.
     """
     if trials.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)

@@ -43,10 +43,10 @@ def synthetic_instructions(trial: Trial) -> dict:
     # -- 1. the generator, DP fine-tuned: it and the histogram compose to the trial's epsilon ------
     released = [histogram_mechanism(m.histogram_sigma)] if m.histogram_sigma else []
     delta = accounting.resolve_delta(dp.delta, trial.data.num_pairs)
-    if released and accounting.composed_epsilon(released, delta, dp.accountant) >= trial.epsilon * (1 - accounting.CALIBRATION_REL_TOL):
+    alone = accounting.composed_epsilon(released, delta, dp.accountant) if released else 0.0
+    if alone >= trial.epsilon * (1 - accounting.CALIBRATION_REL_TOL):  # before anything is spent
         raise UserError(f"methods: {m.display_name}'s histogram_noise ({m.histogram_sigma:g}) alone spends "
-                        f"{accounting.composed_epsilon(released, delta, dp.accountant):.3g} of epsilon "
-                        f"{trial.epsilon:g}: raise histogram_noise")
+                        f"epsilon {alone:.3g} of {trial.epsilon:g}: raise histogram_noise")
     generator = trial.train_generator(1, private, trial.epsilon, released, m.generator_epochs, m.generator_lr)
 
     # -- 2. synthetic prompts; 3. the DP histogram filter; 4. annotation ----------------------------

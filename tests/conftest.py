@@ -86,3 +86,24 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def tiny_lora_lm(wrap=None):
+    """A 1-layer, 32-wide GPT-NeoX with LoRA (attention, MLP and lm_head) in float64, optionally wrapped
+    (e.g. with a value head), its LoRA B (and value head) drawn N(0, 0.3) so gradients are non-trivial."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from props_ray.embedded.model import build_tiny_model
+    from props_ray.modeling import LORA_TARGETS
+
+    torch.manual_seed(0)
+    base = build_tiny_model(vocab_size=30, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                         target_modules=LORA_TARGETS["gpt_neox"] + ["lm_head"]))
+    model = (wrap(lm) if wrap else lm).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "value_head" in n:
+                p.normal_(0, 0.3)
+    return model

@@ -10,23 +10,11 @@ from props_ray.dpsgd.engine import DPSGDEngine
 from props_ray.ppo.advantages import gae, kl_penalized_rewards, ppo_loss
 from props_ray.ppo.model import PolicyWithValue, token_logprobs
 
+from conftest import tiny_lora_lm
+
 
 def _model():
-    from peft import LoraConfig, get_peft_model
-
-    from props_ray.embedded.model import build_tiny_model
-    from props_ray.modeling import LORA_TARGETS
-
-    torch.manual_seed(0)
-    base = build_tiny_model(vocab_size=30, hidden_size=32, num_layers=1, num_heads=2, seed=0)
-    lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                         target_modules=LORA_TARGETS["gpt_neox"] + ["lm_head"]))
-    model = PolicyWithValue(lm, 32).double()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n or "value_head" in n:
-                p.normal_(0, 0.3)
-    return model
+    return tiny_lora_lm(lambda lm: PolicyWithValue(lm, 32))
 
 
 def _rollouts(rows=6, tokens=10):

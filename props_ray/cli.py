@@ -47,7 +47,7 @@ def cmd_validate(args) -> int:
                 "draw": f"draws at epsilon {eps:g}" if eps else ""}[data.ledger_action]
         print(f"data (seed {variant.seed}, K = {variant.stages}): {data.num_pairs} training pairs from {data.source} "
               f"in partitions {[len(p) for p in data.partitions]}, {len(data.eval_prompts)} held-out prompts"
-              + (f", {len(data.skipped)} rows skipped" if data.skipped else ""))
+              + data.skipped_summary())
         print(f"  {data.ledger.describe()}; this job {plan}")
     return 0
 

@@ -149,7 +149,7 @@ class Job:
         v.reference_scores = reference_scores(cfg, v.data, v.base_path, v.judge, self.job_dir)
         self.say(f"data: {v.data.num_pairs} pairs from {v.data.source} in {cfg.stages} partitions "
                  f"{[len(p) for p in v.data.partitions]}, {len(v.data.eval_prompts)} held-out prompts"
-                 + (f", {len(v.data.skipped)} rows skipped" if v.data.skipped else ""))
+                 + v.data.skipped_summary())
         self.timings[f"data_and_reference_eval{v.suffix}"] = time.time() - t
 
         # RR labels: the ledger's one draw, made here in the driver and persisted before any trial starts

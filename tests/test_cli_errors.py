@@ -93,3 +93,17 @@ def test_validate_shows_the_ledger_and_its_cumulative_epsilon(tmp_path):
     assert "draw 1 at epsilon 1 for 60 pairs; cumulative label-epsilon spent on this dataset 1" in done.stdout
     assert "reuses it" in done.stdout
     assert not pd.read_parquet(data.ledger.root / "draw-1.parquet").empty
+
+
+def test_an_alpaca_eval_tie_is_skipped_and_counted_while_a_malformed_row_still_stops(tmp_path):
+    rows = [{"instruction": f"q{i}", "output_1": f"a {i}", "output_2": f"b {i}", "preference": 1 + i % 2}
+            for i in range(60)]
+    rows[21]["preference"] = 1.5
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(rows))
+    done = _cli("validate", str(_job(tmp_path, path)), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 ties skipped" in done.stdout and "bad rows" not in done.stdout
+    rows[33]["preference"] = "n/a"
+    path.write_text(json.dumps(rows))
+    _one_error(_cli("validate", str(_job(tmp_path, path)), cwd=tmp_path), "row 33", "'preference'")

@@ -259,8 +259,17 @@ class TestAlpacaEval:
         assert pairs.loc[0, "rejected"] == ("two" if chosen == "one" else "one")
         assert pairs.loc[0, "prompt"] == "i"
 
+    @pytest.mark.parametrize("preference", [1.5, "1.5", " 1.50 "])
+    def test_a_tie_is_skipped_and_counted_not_an_error(self, preference):
+        rows = [{"instruction": "i", "output_1": "one", "output_2": "two", "preference": "1"},
+                {"instruction": "i", "output_1": "one", "output_2": "two", "preference": preference}]
+        pairs, skipped = validate_pairs(parse_alpaca_eval(rows, "a.json"), "a.json")  # on_bad_row: error
+        assert pairs["id"].tolist() == ["a.json:0"]
+        assert skipped == [{"id": "a.json:1", "row": 1, "reason": "field 'preference' is 1.5, a tie (no "
+                            "preference, so no label)", "tie": True}]
+
     @pytest.mark.parametrize("preference, words", [
-        (1.5, "tie"), (None, "missing"), (float("nan"), "missing"), ("", "missing"),
+        (None, "missing"), (float("nan"), "missing"), ("", "missing"),
         ("n/a", "not a number"), (3, "outside"), (0.0, "outside"), (True, "not a number"),
     ])
     def test_bad_preference(self, preference, words):

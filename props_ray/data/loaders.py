@@ -23,7 +23,7 @@ Formats
     AlpacaEval annotations: ``instruction``, ``output_1``, ``output_2``,
     ``preference``. The preference is ``1``/``2`` (string or number) or a float
     in [1, 2]: above 1.5 prefers ``output_2``, below prefers ``output_1``; 1.5
-    (a tie) or a missing preference is a bad row (no label).
+    is a tie, skipped and counted (never an error); a missing preference is a bad row (no label).
 
 Every parser keeps one output row per input row (bad rows are flagged in
 :data:`~props_ray.data.records.PROBLEM_COLUMN`, not dropped), so row numbers
@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from props_ray.data.records import (PAIR_COLUMNS, PROBLEM_COLUMN, DataError, check_on_bad_row,
+from props_ray.data.records import (PAIR_COLUMNS, PROBLEM_COLUMN, TIE_PROBLEM, DataError, check_on_bad_row,
                                     is_missing, text_problem, validate_pairs)
 
 ASSISTANT_TAG = "\n\nAssistant:"
@@ -135,7 +135,7 @@ def preferred_output(value: Any) -> int:
     if not 1.0 <= number <= 2.0:
         raise _RowProblem(f"field 'preference' is {number}, outside [1, 2]")
     if number == 1.5:
-        raise _RowProblem("field 'preference' is 1.5, a tie (no label)")
+        raise _RowProblem(f"field 'preference' is 1.5, {TIE_PROBLEM}")
     return 2 if number > 1.5 else 1
 
 

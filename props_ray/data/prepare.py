@@ -41,6 +41,12 @@ class PreparedData:
         every = pd.concat(self.partitions, ignore_index=True)
         return every[every["id"].astype(str).str.startswith(CANARY_PREFIX)].reset_index(drop=True)
 
+    def skipped_summary(self) -> str:
+        """', N ties skipped, M bad rows skipped' (what the data summary lines add), or ''."""
+        ties = sum(1 for s in self.skipped if s.get("tie"))
+        bad = len(self.skipped) - ties
+        return (f", {ties} ties skipped" if ties else "") + (f", {bad} bad rows skipped" if bad else "")
+
     @property
     def num_pairs(self) -> int:
         return sum(len(p) for p in self.partitions)
@@ -74,7 +80,7 @@ def load_dataset(cfg: JobConfig) -> tuple[pd.DataFrame, list[dict], str]:
 
     loaded = load_preferences(cfg.data.source, format=cfg.data.format, split=cfg.data.split,
                               on_bad_row=cfg.data.on_bad_row)
-    for s in loaded.skipped[:20]:
+    for s in [s for s in loaded.skipped if not s.get("tie")][:20]:
         log.warning("skipped row %s (id %s): %s", s.get("row"), s.get("id"), s.get("reason"))
     return loaded.pairs, loaded.skipped, f"{loaded.source} ({loaded.format})"
 

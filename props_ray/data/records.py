@@ -42,6 +42,9 @@ PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
 #: Optional column set by format parsers: ``None`` for a parsed row, else the
 #: problem (starting with the field name, e.g. ``"field 'preference' is missing"``).
 PROBLEM_COLUMN = "_parse_problem"
+#: A parser's problem for a row whose label is a tie: no preference, so no pair. Always skipped and
+#: counted (``skipped`` entries with ``"tie": True``), whatever ``on_bad_row`` says: it is not malformed.
+TIE_PROBLEM = "a tie (no preference, so no label)"
 
 ON_BAD_ROW = ("error", "skip")
 
@@ -139,6 +142,7 @@ def validate_pairs(df: pd.DataFrame, source: str,
     ``rejected``, or its ``id`` repeats the id of an earlier kept row (the
     first occurrence is kept).
 
+    A tie (a parser's :data:`TIE_PROBLEM`) is skipped and reported in both modes, marked ``"tie": True``.
     ``on_bad_row="error"`` raises :class:`DataError` for the first bad row;
     ``"skip"`` drops bad rows and returns one ``{"id", "row", "reason"}`` dict
     per dropped row (``id`` is ``None`` when the row has no usable id; ``row``
@@ -176,13 +180,16 @@ def validate_pairs(df: pd.DataFrame, source: str,
         if problem is None:
             first_row_of_id[row_id] = row
             kept.append((row_id, prompt, chosen, rejected))
+        elif problem.endswith(TIE_PROBLEM):
+            skipped.append({"id": row_id, "row": row, "reason": problem, "tie": True})
         elif on_bad_row == "error":
             raise DataError(row_message(source, row, row_id, problem))
         else:
             skipped.append({"id": row_id, "row": row, "reason": problem})
 
-    if skipped:
-        log.warning("%s: skipped %d bad row(s) of %d; first: %s", source, len(skipped), len(df),
-                    _row_problem(skipped[0]["row"], skipped[0]["id"], skipped[0]["reason"]))
+    bad = [s for s in skipped if not s.get("tie")]
+    if bad:
+        log.warning("%s: skipped %d bad row(s) of %d; first: %s", source, len(bad), len(df),
+                    _row_problem(bad[0]["row"], bad[0]["id"], bad[0]["reason"]))
     pairs = pd.DataFrame(kept, columns=list(PAIR_COLUMNS), dtype=object)
     return pairs, skipped

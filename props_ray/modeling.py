@@ -129,6 +129,9 @@ def adapters_off(policy):
 def save_policy(policy, path: str | Path) -> None:
     """Adapters only for LoRA (``PeftModel.save_pretrained``), else the whole model."""
     policy = getattr(policy, "module", policy)
-    policy.save_pretrained(str(path))
+    if hasattr(policy, "peft_config"):  # LoRA on lm_head adds adapters; the base embeddings never change
+        policy.save_pretrained(str(path), save_embedding_layers=False)
+    else:
+        policy.save_pretrained(str(path))
 
 

@@ -250,6 +250,8 @@ class Trial:
         margins = score_partition(ds, base_path=self.base_path, adapter_path=final["model_path"],
                                   model_cfg=self.cfg.model, beta=self.cfg.train.beta, use_gpu=self.cfg.train.use_gpu)
         margin = canaries[["id"]].merge(margins, on="id", how="left")["margin"].to_numpy()
+        if np.isnan(margin).any():
+            raise RuntimeError(f"the audit scored {int((~np.isnan(margin)).sum())} of {len(margin)} canaries")
         rng = np.random.default_rng([self.cfg.seed, 0xA0D17])
         guess = np.where(margin == 0, rng.random(len(margin)) < 0.5, margin > 0)  # a tie is a coin
         correct = int(guess.sum())  # "chosen" holds the coin's pick, so guessing "chosen" is right

@@ -203,6 +203,7 @@ def _eval_scores(client, run_id: str) -> dict | None:
 
     from mlflow.exceptions import MlflowException
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per trial otherwise
     try:
         with tempfile.TemporaryDirectory() as tmp:
             return json.loads(Path(client.download_artifacts(run_id, "eval/eval-scores.json", tmp)).read_text())

@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 from props_ray.tables import format_epsilon, method_sort_key  # noqa: E402
 
 FILES = ("win_rate_vs_epsilon.png", "label_accuracy_vs_epsilon.png", "props_stage_label_accuracy.png")
+REWARD_FILE = "reward_vs_epsilon.png"
 DPI = 120
 
 
@@ -70,8 +71,10 @@ def _band(g: pd.DataFrame, mean: str, ci: str, fallback_ci: str | None = None) -
     return np.nan_to_num(half, nan=0.0)
 
 
-def _draw_vs_epsilon(ax, summary: pd.DataFrame, mean: str, ci: str, fallback_ci: str | None = None) -> int:
-    """Lines over finite ε with CI bands, dashed horizontal lines for ε = ∞; returns the series drawn."""
+def _draw_vs_epsilon(ax, summary: pd.DataFrame, mean: str, ci: str, fallback_ci: str | None = None,
+                     proportion: bool = True) -> int:
+    """Lines over finite ε with CI bands (clipped to [0, 1] for a ``proportion``), dashed horizontal lines
+    for ε = ∞; returns the series drawn."""
     colors = _colors(summary["method_label"])
     drawn = 0
     for method, label, g in _series(summary):
@@ -84,7 +87,9 @@ def _draw_vs_epsilon(ax, summary: pd.DataFrame, mean: str, ci: str, fallback_ci:
         y = g[mean].astype(float).to_numpy()
         half = _band(g, mean, ci, fallback_ci)
         fin = np.isfinite(eps)
-        lo, hi = np.clip(y - half, 0, 1), np.clip(y + half, 0, 1)  # both are proportions
+        lo, hi = y - half, y + half
+        if proportion:
+            lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
         if fin.any():
             ax.plot(eps[fin], y[fin], marker="o", color=color, label=label)
             ax.fill_between(eps[fin], lo[fin], hi[fin], color=color, alpha=0.15, linewidth=0)
@@ -120,6 +125,20 @@ def plot_win_rate_vs_epsilon(summary: pd.DataFrame, path) -> Path:
     seeds = sorted(set(int(n) for n in summary["n_seeds"])) if len(summary) else []
     ax.set_title("Win rate vs. privacy budget" + (f" (mean ± 95% CI, {'/'.join(map(str, seeds))} seed(s))"
                                                     if seeds else ""))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reward_vs_epsilon(summary: pd.DataFrame, path) -> Path:
+    """The judge's mean reward of each method's generations against epsilon (95% CI over seeds; the
+    trials' prompt-clustered CI with one seed); the non-private ceiling as a dashed line. It keeps
+    ranking methods where win rates against the reference saturate."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _draw_vs_epsilon(ax, summary, "reward_mean_mean", "reward_mean_ci", fallback_ci="reward_trial_ci",
+                     proportion=False)
+    _epsilon_axis(ax, summary)
+    ax.set_ylabel("mean reward of the generations (judge)")
+    ax.set_title("Reward vs. privacy budget (mean ± 95% CI)")
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -198,11 +217,14 @@ def plot_props_stage_accuracy(trials: pd.DataFrame, path) -> Path:
 
 
 def make_plots(trials: pd.DataFrame, summary: pd.DataFrame, out_dir) -> list[Path]:
-    """Write the plots into ``out_dir``; the PROPS stage plot only when there are PROPS trials."""
+    """Write the plots into ``out_dir``; the PROPS stage plot only when there are PROPS trials, the reward
+    plot only when trials logged rewards."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_win_rate_vs_epsilon(summary, out / FILES[0]),
              plot_label_accuracy_vs_epsilon(summary, out / FILES[1])]
     if not _props_stage_table(trials).empty:
         paths.append(plot_props_stage_accuracy(trials, out / FILES[2]))
+    if "reward_mean_mean" in summary and summary["reward_mean_mean"].notna().any():
+        paths.append(plot_reward_vs_epsilon(summary, out / REWARD_FILE))
     return paths

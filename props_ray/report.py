@@ -24,19 +24,12 @@ import numpy as np
 import pandas as pd
 
 from props_ray import metrics as M
+from props_ray.ranking import (RANKING_COLUMNS, REWARD_METRICS, SYNTHETIC_METRICS, against_nonprivate,
+                               ranking_cells, synthetic_table)
 from props_ray.tables import format_epsilon, method_label, method_sort_key, render_table
 from props_ray.tracking import KEY_TAG, PARENT_TAG
 
 KIND_TAG = "props_ray.kind"
-
-#: What keeps ranking methods once win rates saturate: the judged reward (and the reference's), the
-#: normalised gain (R - R_ref) / (R_nonprivate - R_ref) and the head-to-head win rate against the
-#: non-private policy of the same seed (from the trials' per-comparison scores).
-REWARD_METRICS = ("reward_mean", "reward_ci_low", "reward_ci_high", "reference_reward_mean")
-RANKING_COLUMNS = ("reward_mean", "normalised_gain", "win_rate_vs_nonprivate", "audit_epsilon_lower_bound")
-
-#: DP synthetic instructions' own figures: each part's epsilon and the topic TV before and after the filter.
-SYNTHETIC_METRICS = ("generator_epsilon", "histogram_epsilon", "synthetic_tv_before", "synthetic_tv_after")
 
 TRIAL_COLUMNS = ["run_id", "trial", "method_label", "method", "rule", "epsilon", "seed", "stages",
                  "win_rate", "win_rate_ci_low", "win_rate_ci_high", "label_accuracy",
@@ -187,7 +180,7 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
         })
     df = pd.DataFrame([{**r, "normalised_gain": math.nan, "win_rate_vs_nonprivate": math.nan} for r in rows],
                       columns=TRIAL_COLUMNS)
-    _against_nonprivate(client, df)
+    against_nonprivate(client, df)
     df["seed"] = df["seed"].astype("Int64")
     df["stages"] = df["stages"].astype("Int64")
     df["_m"] = df["method_label"].map(method_sort_key)
@@ -195,41 +188,6 @@ def trials_from_mlflow(client, run_or_experiment: str) -> pd.DataFrame:
     df.attrs["job_run_id"] = job_id
     df.attrs["job_name"] = job.info.run_name
     return df.reset_index(drop=True)
-
-
-def _eval_scores(client, run_id: str) -> dict | None:
-    import json
-    import tempfile
-
-    from mlflow.exceptions import MlflowException
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per trial otherwise
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(Path(client.download_artifacts(run_id, "eval/eval-scores.json", tmp)).read_text())
-    except (MlflowException, OSError, ValueError):
-        return None
-
-
-def _against_nonprivate(client, df: pd.DataFrame) -> None:
-    """Fill ``normalised_gain`` and ``win_rate_vs_nonprivate`` from the non-private trial of the same
-    (seed, K) variant: same held-out prompts, same judge."""
-    from props_ray.win_rate import normalised_gain, win_rate
-
-    for _, g in df.groupby([df["seed"].astype("Int64").fillna(-1), df["stages"].astype("Int64").fillna(-1)]):
-        ceiling = g[g["method"] == "nonprivate"]
-        if ceiling.empty:
-            continue
-        top = ceiling.iloc[0]
-        top_scores = _eval_scores(client, top["run_id"])
-        for i, r in g.iterrows():
-            df.loc[i, "normalised_gain"] = normalised_gain(r["reward_mean"], r["reference_reward_mean"],
-                                                           top["reward_mean"])
-            mine = _eval_scores(client, r["run_id"]) if top_scores else None
-            if mine and len(mine["policy"]) == len(top_scores["policy"]):
-                groups = np.arange(len(mine["policy"])) // int(mine["samples_per_prompt"])
-                df.loc[i, "win_rate_vs_nonprivate"] = win_rate(mine["policy"], top_scores["policy"],
-                                                               groups=groups).win_rate
 
 
 # -- aggregation ----------------------------------------------------------------------------------------------
@@ -337,7 +295,7 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
         privacy = "unknown" if privacy is None or (isinstance(privacy, float) and pd.isna(privacy)) else str(privacy)
         unit = r.get("privacy_unit")
         unit = "unknown" if unit is None or (isinstance(unit, float) and pd.isna(unit)) else str(unit)
-        rank = _ranking_cells(r) if ranks else []
+        rank = ranking_cells(r) if ranks else []
         audit = [] if not audited else ["-" if pd.isna(r["audit_epsilon_lower_bound_mean"]) else
                                         f"{r['audit_epsilon_lower_bound_mean']:.3g}"]
         rows.append([str(r["method_label"]), eps, *audit, *k, str(int(r["n_seeds"])), win, *rank, acc_s, unit,
@@ -355,37 +313,8 @@ def format_summary(summary: pd.DataFrame, markdown: bool = False) -> str:
     table = render_table(head, rows, markdown)
     if notes:
         table += ("\n\n" if markdown else "\n") + "\n".join(notes)
-    synthetic = _synthetic_table(summary, markdown)
+    synthetic = synthetic_table(summary, markdown)
     return table + (("\n\n" + synthetic) if synthetic else "")
-
-
-def _ranking_cells(r: dict) -> list[str]:
-    """reward ± CI (over seeds; the trial's prompt-clustered CI with one seed), normalised gain and the
-    head-to-head win rate against the non-private policy, '-' where not measured."""
-    def num(v, spec=".3f"):
-        return "-" if v is None or pd.isna(v) else format(v, spec)
-
-    ci = r["reward_mean_ci"] if r["n_seeds"] > 1 else r.get("reward_trial_ci")
-    reward = "-" if pd.isna(r["reward_mean_mean"]) else f"{r['reward_mean_mean']:.3f} ± {num(ci)}"
-    return [reward, num(r["normalised_gain_mean"], ".2f"), num(r["win_rate_vs_nonprivate_mean"])]
-
-
-def _synthetic_table(summary: pd.DataFrame, markdown: bool) -> str:
-    """DP synthetic instructions: the epsilon of each part and the TV of the synthetic topic mixture to
-    the real one before and after the filter (means over seeds)."""
-    col = "synthetic_tv_before_mean"
-    if col not in summary or summary[col].isna().all():
-        return ""
-    rows = []
-    for r in summary[summary[col].notna()].to_dict("records"):
-        f = lambda v, spec: "-" if v is None or pd.isna(v) else format(v, spec)  # noqa: E731
-        rows.append([str(r["method_label"]), format_epsilon(float(r["epsilon"])), f(r["generator_epsilon_mean"], ".4g"),
-                     f(r["histogram_epsilon_mean"], ".4g"), f(r["synthetic_tv_before_mean"], ".3f"),
-                     f(r["synthetic_tv_after_mean"], ".3f")])
-    return ("DP synthetic instructions (the unit is one private prompt): each part's epsilon and the total "
-            "variation of the synthetic topic mixture to the real one\n\n" if markdown else
-            "DP synthetic instructions: each part's epsilon, topic TV to the real mixture\n") + render_table(
-        ["method", "ε", "generator ε", "histogram ε", "TV before filter", "TV after filter"], rows, markdown)
 
 
 def write_summary(summary: pd.DataFrame, out_dir) -> list[Path]:

@@ -53,7 +53,9 @@ def against_nonprivate(client, df: pd.DataFrame) -> None:
         for i, r in g.iterrows():
             df.loc[i, "normalised_gain"] = normalised_gain(r["reward_mean"], r["reference_reward_mean"],
                                                            top["reward_mean"])
-            mine = _eval_scores(client, r["run_id"]) if top_scores else None
+            if not top_scores:
+                continue
+            mine = top_scores if r["run_id"] == top["run_id"] else _eval_scores(client, r["run_id"])
             if mine and len(mine["policy"]) == len(top_scores["policy"]):
                 groups = np.arange(len(mine["policy"])) // int(mine["samples_per_prompt"])
                 df.loc[i, "win_rate_vs_nonprivate"] = win_rate(mine["policy"], top_scores["policy"],

@@ -42,7 +42,7 @@ def synthetic_instructions(trial: Trial) -> dict:
 
     # -- 1. the generator, DP fine-tuned: it and the histogram compose to the trial's epsilon ------
     released = [histogram_mechanism(m.histogram_sigma)] if m.histogram_sigma else []
-    delta = accounting.resolve_delta(dp.delta, trial.data.num_pairs)
+    delta = trial.delta()
     alone = accounting.composed_epsilon(released, delta, dp.accountant) if released else 0.0
     if alone >= trial.epsilon * (1 - accounting.CALIBRATION_REL_TOL):  # before anything is spent
         raise UserError(f"methods: {m.display_name}'s histogram_noise ({m.histogram_sigma:g}) alone spends "

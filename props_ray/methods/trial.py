@@ -255,12 +255,13 @@ class Trial:
         rng = np.random.default_rng([self.cfg.seed, 0xA0D17])
         guess = np.where(margin == 0, rng.random(len(margin)) < 0.5, margin > 0)  # a tie is a coin
         correct = int(guess.sum())  # "chosen" holds the coin's pick, so guessing "chosen" is right
-        delta = 0.0 if self.method.privacy_unit in ("label", "none") else self._delta()
+        delta = 0.0 if self.method.privacy_unit in ("label", "none") else self.delta()
         return {"audit_canaries": len(canaries), "audit_correct": correct,
                 "audit_accuracy": correct / max(len(canaries), 1),
                 "audit_epsilon_lower_bound": epsilon_lower_bound(correct, len(canaries), delta, self.cfg.audit.alpha)}
 
-    def _delta(self) -> float:
+    def delta(self) -> float:
+        """The job's DP-SGD delta for this data (default N^-1.1), as every (epsilon, delta) stage uses it."""
         from props_ray.privacy.accounting import resolve_delta
 
         return resolve_delta(self.cfg.privacy.dpsgd.delta, self.data.num_pairs)

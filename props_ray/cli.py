@@ -18,6 +18,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="job YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set train.num_workers=1")
+    p.add_argument("-v", "--verbose", dest="verbose_here", action="store_true",
+                   help="also show Ray's own worker output and library logs (off by default)")
 
 
 def cmd_validate(args) -> int:
@@ -85,6 +87,59 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    """SFT of model.name on the preferred responses of a split kept apart: the reference, written to --out."""
+    from props_ray.sft import run_sft
+
+    cfg = load_job(args.job, args.overrides)
+    info = run_sft(cfg, args.data, args.out, args.epsilon)
+    print(f"{args.out}: {cfg.model.name} fine-tuned on the chosen responses of {info['examples']:,} pairs of "
+          f"{args.data} in {info['seconds']:.0f}s; privacy: {info['privacy']}. Use it as model.name: {args.out}")
+    return 0
+
+
+def cmd_reward_model(args) -> int:
+    """A judge for real data, trained on a public or held-out split with the job's model and settings."""
+    from props_ray.judge_training import train_judge
+
+    cfg = load_job(args.job, args.overrides)
+    info = train_judge(cfg, args.data, args.out, args.held_out)
+    print(f"{args.out}: judge trained on {info['train_pairs']:,} pairs of {args.data} in {info['seconds']:.0f}s; "
+          f"held-out accuracy {info['held_out_accuracy']:.3f} on {info['held_out_pairs']:,} pairs. "
+          f"Use it as eval.judge: {args.out} (privacy: none, it is trained without noise on that split)")
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    """A BPE tokenizer built on TEXT and a small random model of a named architecture, saved to --out."""
+    from pathlib import Path
+
+    from props_ray.errors import UserError
+    from props_ray.offline import init_model
+
+    src = Path(args.text)
+    if not src.is_file():
+        raise UserError(f"init-model: text file {src} does not exist")
+    if src.suffix == ".txt":
+        texts = [line for line in src.read_text(errors="replace").splitlines() if line.strip()]
+    else:  # a preference file: its prompts and both responses (never its labels)
+        from props_ray.data.loaders import load_preferences
+
+        pairs = load_preferences(str(src), args.format, on_bad_row="skip").pairs
+        texts = [*pairs["prompt"], *pairs["chosen"], *pairs["rejected"]]
+    if not texts:
+        raise UserError(f"init-model: {src} has no text")
+    try:
+        info = init_model(args.out, texts, args.architecture, args.vocab_size, args.min_frequency,
+                          args.hidden_size, args.num_layers, args.num_heads, args.max_positions, args.seed)
+    except ValueError as err:
+        raise UserError(f"init-model: {err}") from None
+    print(f"{args.out}: {info['architecture']} model, {info['parameters']:,} parameters, hidden {info['hidden_size']}, "
+          f"{info['num_layers']} layers; BPE tokenizer of {info['vocab_size']} tokens built on {len(texts):,} texts "
+          f"of {src} (pieces seen at least {args.min_frequency} times). Use it as model.name: {args.out}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from props_ray.config import TrackingConfig
 
@@ -97,7 +152,8 @@ def cmd_ui(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="props-ray", description="Privacy-preserving alignment on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's own worker output and library logs (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a job on a local Ray instance or the cluster in RAY_ADDRESS")
     _job_args(p)
@@ -134,12 +190,47 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a field of the demo section's job (repeatable)")
     p.add_argument("--output-dir", default="runs/bench", help="where the bench's jobs write (default runs/bench)")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("sft", help="SFT the job's base model on the preferred responses of a split kept apart "
+                                   "from the preference data: the reference (DP-SGD with --epsilon)")
+    _job_args(p)
+    p.add_argument("--data", required=True, help="the SFT split: a preference file or hub id (not data.source)")
+    p.add_argument("--out", required=True, help="directory to write; model.name accepts it")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="DP-SGD with the example as the unit at this epsilon (default: not private, said so)")
+    p.set_defaults(fn=cmd_sft)
+    p = sub.add_parser("reward-model", help="train a judge reward model on a public or held-out split of labelled "
+                                            "pairs, with the job's model and training settings")
+    _job_args(p)
+    p.add_argument("--data", required=True, help="the judge's pairs: a preference file or hub id (not data.source)")
+    p.add_argument("--out", required=True, help="directory to write; eval.judge accepts it")
+    p.add_argument("--held-out", type=float, default=0.1, help="share of the pairs kept to measure its accuracy")
+    p.set_defaults(fn=cmd_reward_model)
+    p = sub.add_parser("init-model", help="offline start: a BPE tokenizer built on a text or preference file and "
+                                          "a small random model (GPT-NeoX, GPT-2 or Llama), saved as a directory")
+    p.add_argument("text", help="a .txt file (one text a line) or a preference file (its prompts and responses)")
+    p.add_argument("--out", required=True, help="directory to write (model.name and eval.judge accept it)")
+    p.add_argument("--architecture", choices=["gpt_neox", "gpt2", "llama"], default="gpt_neox")
+    p.add_argument("--format", choices=["auto", "hh_rlhf", "preference", "alpaca_eval"], default="auto")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--min-frequency", type=int, default=5,
+                   help="a piece becomes a token only if seen this often (rare strings stay out of the vocabulary)")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--max-positions", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_init_model)
     p = sub.add_parser("ui", help="open the MLflow UI on the job's tracking store")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(fn=cmd_ui)
     args = parser.parse_args(argv)
+    args.verbose = args.verbose or getattr(args, "verbose_here", False)
+    if args.verbose:
+        os.environ["PROPS_RAY_VERBOSE"] = "1"  # read by the Ray start and passed on to every worker
+    else:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no store-migration chatter
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from props_ray.ray_runtime import QUIET_ENV

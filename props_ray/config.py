@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from props_ray.errors import UserError
+from props_ray.embedded.config import TaskConfig
 from props_ray.sections import METHOD_SECTIONS, MethodSection, Section, method_name
 
 
@@ -42,18 +43,6 @@ class DataConfig(_Section):
         if v is not None and (not v or any(not (p > 0 and math.isfinite(p)) for p in v)):
             raise ValueError("every stage proportion must be a positive number")
         return v
-
-
-class TaskConfig(_Section):
-    """The embedded preference task (used when data.source is 'embedded')."""
-
-    seed: int = 1234
-    response_length: int = Field(6, gt=0)
-    label_temperature: float = Field(0.1, gt=0)
-    topic_weight: float = Field(0.5, ge=0, description="how much of the hidden reward depends on the prompt's topic")
-    prompt_mix: Literal["uniform", "skewed"] = Field(
-        "uniform", description="the prompts' distribution: uniform, or skewed (power-law topic shares, a rare "
-                               "topic under 3%, each topic with its own intent words)")
 
 
 class LoraConfig(_Section):
@@ -211,8 +200,32 @@ class JobConfig(_Section):
     sweep: SweepConfig = SweepConfig()
     audit: AuditConfig = AuditConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _response_room(cls, data):
+        """On the embedded task the responses' token budget defaults to the task's response plus eos."""
+        if not isinstance(data, dict):
+            return data
+        section = data.get("data") or {}
+        if not isinstance(section, dict) or section.get("source", "embedded") != "embedded" \
+                or "max_response_length" in section:
+            return data
+        task = data.get("task") or {}
+        try:
+            task = task if isinstance(task, TaskConfig) else TaskConfig.model_validate(task)
+        except ValidationError:
+            return data  # the task section's own error is reported by the normal validation
+        need = task.response_length + 1
+        if need > DataConfig.model_fields["max_response_length"].default:
+            data = {**data, "data": {**section, "max_response_length": need}}
+        return data
+
     @model_validator(mode="after")
     def _check(self):
+        if (self.is_embedded and self.data.max_response_length < self.task.response_length + 1):
+            raise ValueError(f"data.max_response_length {self.data.max_response_length} cannot hold the embedded "
+                             f"task's {self.task.response_length}-word responses and eos: set it to at least "
+                             f"{self.task.response_length + 1} (or leave it unset)")
         if self.audit.canaries and self.data.source != "embedded":
             raise ValueError("audit.canaries needs data.source 'embedded': the canaries are drawn from its task")
         props = self.data.stage_proportions

@@ -24,6 +24,7 @@ from typing import Callable
 
 import pandas as pd
 
+from props_ray import progress
 from props_ray.config import JobConfig, parse_method
 from props_ray.data.ledger import LedgerError
 from props_ray.data.prepare import PreparedData, label_epsilon_max, prepare_data
@@ -74,9 +75,9 @@ def reference_scores(cfg: JobConfig, data: PreparedData, base_path: str, judge, 
 
 
 class Job:
-    def __init__(self, cfg: JobConfig, progress: Callable[[str], None] = print):
+    def __init__(self, cfg: JobConfig, say: Callable[[str], None] = progress.say):
         self.cfg = cfg
-        self.say = progress
+        self.say = say
         self.job_dir = cfg.job_dir.resolve()
         self.timings: dict[str, float] = {}
 
@@ -104,18 +105,19 @@ class Job:
         tracker.flush()
         self.runs = RunTree(tracker, cfg, self.job_dir)
         self.runs.open_job()
-        self.say(f"job {cfg.name}: tracking at {cfg.tracking.resolved_uri()}, output in {self.job_dir}")
-        try:
-            check_shared_storage(cfg.output_dir)  # multi-node: checkpoints and the ledger need shared storage
-        except ValueError:
-            self.runs.finish_job(self.timings, status="FAILED")
-            raise
+        with progress.Console():  # workers' progress lines, drawn here (Ray's own output stays off)
+            self.say(f"job {cfg.name}: tracking at {cfg.tracking.resolved_uri()}, output in {self.job_dir}")
+            try:
+                check_shared_storage(cfg.output_dir)  # multi-node: checkpoints and the ledger need shared storage
+            except ValueError:
+                self.runs.finish_job(self.timings, status="FAILED")
+                raise
 
-        results = []
-        for v in variants:
-            if cfg.is_sweep:
-                self.say(f"sweep variant: seed {v.cfg.seed}, K = {v.cfg.stages}")
-            results.extend(self._run_variant(v))
+            results = []
+            for v in variants:
+                if cfg.is_sweep:
+                    self.say(f"sweep variant: seed {v.cfg.seed}, K = {v.cfg.stages}")
+                results.extend(self._run_variant(v))
         self.runs.log_summary(results)
         self.runs.finish_job(self.timings)
         return results
@@ -204,8 +206,11 @@ class Job:
                                      trial.dir)
         trial.state = state
         trial.save()
-        win, acc = result.win, result.label_accuracy
-        self.say(f"[{trial.name}] win rate {win.win_rate:.3f} [{win.ci_low:.3f}, {win.ci_high:.3f}]"
+        win, acc, reward = result.win, result.label_accuracy, result.extra.get("reward_mean")
+        self.say(f"[{trial.name}] "
+                 + (f"reward {reward:.3f} (reference {result.extra['reference_reward_mean']:.3f}), "
+                    if reward is not None and "reference_reward_mean" in result.extra else "")
+                 + f"win rate {win.win_rate:.3f} [{win.ci_low:.3f}, {win.ci_high:.3f}]"
                  + (f", label accuracy {acc:.3f}" if acc is not None else ""))
         return result
 
@@ -255,7 +260,7 @@ def execute(trial: Trial) -> dict:
     """Run the trial's recipe, unless its outcome was computed before (the driver stopped before logging it)."""
     if "outcome" in trial.state:
         return trial.state["outcome"]
-    trial.say(f"[{trial.name}] starting ({trial.cfg.stages} stage partitions)")
+    progress.status(f"[{trial.name}] starting ({trial.cfg.stages} stage partitions)")
     return registered(trial.method.method).recipe(trial)
 
 
@@ -273,6 +278,5 @@ def _execute_trial_task(variant_cfg: dict, suffix: str, base_path: str, method: 
     judge = judge_for(cfg)
     v = Variant(cfg, data, suffix, base_path, judge, reference_scores(cfg, data, base_path, judge, Path(job_dir)))
     timings: dict[str, float] = {}
-    trial = v.trial(parse_method(method), epsilon, Path(job_dir), lambda m: print(m, flush=True), timings,
-                    in_task=True)
+    trial = v.trial(parse_method(method), epsilon, Path(job_dir), progress.say, timings, in_task=True)
     return execute(trial), timings

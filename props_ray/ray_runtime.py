@@ -18,11 +18,19 @@ QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSF
              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
 
 
+def verbose() -> bool:
+    """``props-ray --verbose``: Ray's own worker output and library logs reach the console."""
+    return os.environ.get("PROPS_RAY_VERBOSE", "") not in ("", "0")
+
+
 def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
+    """Quiet by default: workers' output is not forwarded to the driver (progress travels through
+    :mod:`props_ray.progress`, and a failure still raises here with its worker's traceback)."""
     import ray
 
     if ray.is_initialized():
         return
+    loud = verbose()
     for k, v in TRAIN_ENV.items():
         os.environ.setdefault(k, v)
     env = {"env_vars": {**QUIET_ENV, **TRAIN_ENV, "OMP_NUM_THREADS": "1",
@@ -32,14 +40,15 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
         # Inside a Ray job (ray job submit / props-ray submit) the job has a runtime_env of its own:
         # merge ours into it rather than have Ray refuse the second one.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=loud,
+                 logging_level=logging.INFO if loud else logging.ERROR)
         log.info("connected to the Ray cluster at %s", address)
     else:
         # Logical CPUs: the training workers, one Ray Data actor, and the train controller, even on 2 cores.
         cpus = max(os.cpu_count() or 1, int(num_workers * cpus_per_worker) + 2)
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
-                 configure_logging=True, logging_level=logging.WARNING)
+        ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=loud,
+                 configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR)
         log.info("started a local Ray instance with %d logical CPUs", cpus)
     quiet_ray_libraries()
 
@@ -48,6 +57,7 @@ def quiet_ray_libraries() -> None:
     """No Ray Data progress bars or info logs in this process (the driver, or a trial task)."""
     from ray.data import DataContext
 
+    level = logging.INFO if verbose() else logging.ERROR
+    logging.getLogger("ray.data").setLevel(level)
+    logging.getLogger("ray.train").setLevel(level)
     DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)

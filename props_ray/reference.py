@@ -35,9 +35,7 @@ def cache_root(cfg: JobConfig) -> Path:
 def embedded_task(cfg: JobConfig):
     from props_ray.embedded.task import EmbeddedTask
 
-    return EmbeddedTask(seed=cfg.task.seed, response_length=cfg.task.response_length,
-                        label_temperature=cfg.task.label_temperature, topic_weight=cfg.task.topic_weight,
-                        prompt_mix=cfg.task.prompt_mix)
+    return EmbeddedTask(**cfg.task.model_dump(exclude={"preset"}))
 
 
 def embedded_reference_path(cfg: JobConfig) -> Path:

@@ -47,7 +47,7 @@ class StageScorer:
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         start = time.time()
-        tensors = {k: torch.as_tensor(batch[k], device=self.device) for k in PAIR_TENSORS}
+        tensors = {k: torch.as_tensor(np.require(batch[k], requirements="W"), device=self.device) for k in PAIR_TENSORS}
         pol_c, pol_r = pair_logprobs(self.policy, tensors)
         ref_c, ref_r = self.reference.pair_logprobs(tensors)
         margin = self.beta * implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)

@@ -32,7 +32,9 @@ class TrialResult:
                 "epsilon": "inf" if self.epsilon is None else self.epsilon, "stages": self.stages,
                 "label_accuracy": self.label_accuracy, "win_rate": self.win.win_rate,
                 "win_rate_ci_low": self.win.ci_low, "win_rate_ci_high": self.win.ci_high,
-                **{k: v for k, v in self.extra.items() if k in (M.EPSILON_SPENT, M.DELTA)}}
+                **{k: v for k, v in self.extra.items()
+                   if k in (M.EPSILON_SPENT, M.DELTA, "reward_mean", "reward_ci_low", "reward_ci_high",
+                            "reference_reward_mean")}}
 
 
 def summary_table(results: list[TrialResult]) -> pd.DataFrame:
@@ -40,8 +42,10 @@ def summary_table(results: list[TrialResult]) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
-    """trial, method, epsilon (with DP-SGD's spent epsilon), stages, label accuracy, win rate +- CI."""
+    """trial, method, epsilon (with DP-SGD's spent epsilon), stages, label accuracy, the generations' mean
+    oracle/judge reward +- CI, win rate +- CI."""
     rows = []
+    with_reward = "reward_mean" in table.columns
     for r in table.to_dict("records"):
         acc = "-" if r["label_accuracy"] is None or pd.isna(r["label_accuracy"]) else f"{r['label_accuracy']:.3f}"
         half = (r["win_rate_ci_high"] - r["win_rate_ci_low"]) / 2
@@ -49,6 +53,13 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
         spent = r.get(M.EPSILON_SPENT)
         if spent is not None and not pd.isna(spent):
             eps = f"{eps} (spent {spent:.4g})"
-        rows.append([r["trial"], r["method"], str(eps), str(r["stages"]), acc, f"{r['win_rate']:.3f} ± {half:.3f}"])
-    head = ["trial", "method", "epsilon", "stages", "label accuracy", "win rate ± 95% CI"]
+        reward = []
+        if with_reward:
+            mean = r.get("reward_mean")
+            reward = ["-" if mean is None or pd.isna(mean) else
+                      f"{mean:.3f} ± {(r['reward_ci_high'] - r['reward_ci_low']) / 2:.3f}"]
+        rows.append([r["trial"], r["method"], str(eps), str(r["stages"]), acc, *reward,
+                     f"{r['win_rate']:.3f} ± {half:.3f}"])
+    head = ["trial", "method", "epsilon", "stages", "label accuracy", *(["reward ± 95% CI"] if with_reward else []),
+            "win rate ± 95% CI"]
     return render_table(head, rows, markdown)

@@ -20,7 +20,7 @@ def measure(job_path: str, output_dir: str, overrides: list[str] | None = None, 
     cfg = load_job(job_path, [f"output_dir={output_dir}", f"tracking.tracking_uri=sqlite:///{output_dir}/mlflow.db",
                               *(overrides or [])])
     t = time.time()
-    job = Job(cfg, progress=say)
+    job = Job(cfg, say=say)
     results = job.run()
     wall = time.time() - t
     tm = dict(job.timings)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 
+from props_ray import progress
 from props_ray.privacy.randomized_response import flip_probability
 from props_ray.win_rate import WinRate, label_accuracy, reward_summary, win_rate
 
@@ -59,7 +60,7 @@ class Trial:
     base_path: str
     judge: object
     reference_scores: object
-    say: Callable[[str], None] = print
+    say: Callable[[str], None] = progress.say
     in_task: bool = False  # running as a Ray task beside other trials
     timings: dict[str, float] = field(default_factory=dict)
     state: dict = field(default_factory=dict)
@@ -119,7 +120,8 @@ class Trial:
                              num_pairs=sum(len(pairs[k]) for k in todo),
                              extra={"epsilon": self.epsilon, "total_pairs": self.data.num_pairs})
             self.add_time("train", time.time() - t)
-            self.say(f"[{self.name}] trained stage(s) {todo} in {time.time() - t:.1f}s")
+            progress.end(self.name, f"trained stage{'s' * (len(todo) > 1)} {', '.join(map(str, todo))}",
+                         time.time() - t)
             for c in cks:
                 self.checkpoints[str(c.stage)] = {
                     "stage": c.stage, "path": c.path, "model_path": c.model_path,
@@ -138,7 +140,7 @@ class Trial:
             t = time.time()
             ck = fit_reward_model(cfg, pairs, self.base_path, name=f"{self.name}-reward-model", epsilon=epsilon,
                                   total_pairs=self.data.num_pairs)
-            self._record(ck, stage, "train", time.time() - t, "the reward model")
+            self._record(ck, stage, "train", time.time() - t, "the reward model", f"{self.name}-reward-model")
         return self.checkpoints[str(stage)]
 
     def private_prompts(self) -> list[str]:
@@ -158,7 +160,7 @@ class Trial:
             ck = fit_generator(self.cfg.model_copy(update={"train": train}), prompts, self.base_path,
                                name=f"{self.name}-generator", epsilon=epsilon, compose_with=compose_with,
                                total_pairs=self.data.num_pairs)
-            self._record(ck, stage, "train", time.time() - t, "the generator")
+            self._record(ck, stage, "train", time.time() - t, "the generator", f"{self.name}-generator")
         return self.checkpoints[str(stage)]
 
     def train_ppo(self, stage: int, prompts: list[str], reward_model: dict, epsilon: float | None,
@@ -171,12 +173,12 @@ class Trial:
             t = time.time()
             ck = fit_ppo(self.cfg, prompts, self.base_path, reward_model["model_path"], name=f"{self.name}-ppo",
                          epsilon=epsilon, ppo=ppo, total_pairs=self.data.num_pairs)
-            self._record(ck, stage, "train", time.time() - t, "PPO")
+            self._record(ck, stage, "train", time.time() - t, "PPO", f"{self.name}-ppo")
         return self.checkpoints[str(stage)]
 
-    def _record(self, ck, stage: int, part: str, seconds: float, what: str) -> None:
+    def _record(self, ck, stage: int, part: str, seconds: float, what: str, run: str) -> None:
         self.add_time(part, seconds)
-        self.say(f"[{self.name}] trained {what} (stage {stage}) in {seconds:.1f}s")
+        progress.end(run, f"trained {what} (stage {stage})", seconds, label=self.name)
         self.checkpoints[str(stage)] = {
             "stage": stage, "path": ck.path, "model_path": ck.model_path,
             "metrics": {k: v for k, v in ck.metrics.items() if isinstance(v, (int, float, str, bool))}}

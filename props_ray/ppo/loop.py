@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from props_ray import progress
 from props_ray.config import JobConfig
 from props_ray.modeling import adapters_off
 from props_ray.ppo.advantages import gae, kl_penalized_rewards, ppo_loss
@@ -101,6 +102,7 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("prompts")
     if hasattr(engine, "start_stage"):
         engine.start_stage(1, shard, device)
+    seen, total = 0, (loop_config.get("num_pairs") or 0) * cfg.train.epochs  # prompts, for the console
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
         for physical_batches in engine.logical_batches(shard, epoch, device):
@@ -122,6 +124,7 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
                 per_row = ppo_loss(token_logprobs(logits, ids), old_logp, advantages, values, returns, act,
                                    ppo["clip"], ppo["value_coef"])
                 engine.backward(per_row)
+                seen += len(prompts) * world
                 with torch.no_grad():
                     kl = ((old_logp - ref_logp) * act).sum(1)
                     stats += torch.stack([score.sum(), kl.sum(), torch.tensor(float(len(prompts)), device=device)])
@@ -137,9 +140,9 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
                     row.update({"reward": stats[0].item() / n, "kl": stats[1].item() / n})
                 history.append(row)
                 if rank == 0:
-                    print(f"[props-ray] {loop_config['trial']} ppo epoch {epoch + 1}/{cfg.train.epochs} step {step}"
-                          + (f": reward {row['reward']:.3f} kl {row['kl']:.3f}" if "reward" in row else "")
-                          + (f" epsilon {row['epsilon']:.3f}" if "epsilon" in row else ""), flush=True)
+                    progress.step(loop_config["trial"], stage=1, epoch=epoch, epochs=cfg.train.epochs, step=step,
+                                  pairs=seen, total_pairs=total, reward=row.get("reward"),
+                                  epsilon=row.get("epsilon"))
         _report(wrapped, optimizer, engine, rank, epoch, epoch == cfg.train.epochs - 1, history, step,
                 time.time() - t0, save_policy)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from props_ray import progress
 from props_ray.config import JobConfig
 from props_ray.modeling import AUTOCAST_DTYPES, save_policy
 from props_ray.train.objectives import build as build_objective
@@ -99,6 +100,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step = state.get("step", 0)
 
     job_dir = Path(loop_config["job_dir"])
+    seen = 0  # rows (pairs or prompts) this run has trained on, all ranks, for the console's rate and ETA
+    total = (loop_config.get("num_pairs") or 0) * cfg.train.epochs
     # -- stages ---------------------------------------------------------------
     for stage in stages:
         if stage in done_stages:
@@ -115,6 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
                         per_unit, margin = objective(model, batch)
                     engine.backward(per_unit)
+                    seen += per_unit.shape[0] * world  # equal shards: every rank trains about as many
                     with torch.no_grad():
                         if margin is None:  # the language model: its loss only
                             margin = torch.zeros_like(per_unit)
@@ -135,11 +139,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             row.update({"reward_accuracy": stats[1].item() / n, "margin": stats[2].item() / n})
                     history.append(row)
                     if rank == 0:
-                        print(f"[props-ray] {loop_config['trial']} stage {stage} epoch {epoch + 1}/"
-                              f"{cfg.train.epochs} step {step}"
-                              + (f": loss {row['loss']:.4f}" if "loss" in row else "")
-                              + (f" reward acc {row['reward_accuracy']:.3f}" if "reward_accuracy" in row else "")
-                              + (f" epsilon {row['epsilon']:.3f}" if "epsilon" in row else ""), flush=True)
+                        progress.step(loop_config["trial"], stage=stage, epoch=epoch, epochs=cfg.train.epochs,
+                                      step=step, pairs=seen, total_pairs=total, loss=row.get("loss"),
+                                      epsilon=row.get("epsilon"))
             # An epoch-end checkpoint lets a failed worker resume mid-stage.
             last_epoch = epoch == cfg.train.epochs - 1
             if last_epoch:

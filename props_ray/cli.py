@@ -110,11 +110,26 @@ def cmd_reward_model(args) -> int:
     return 0
 
 
+def cmd_split(args) -> int:
+    """A preference file in two reproducible parts: --fraction of it kept apart, the rest private."""
+    from props_ray.data.loaders import load_preferences
+    from props_ray.data.split import split_pairs, write_pairs
+
+    if not 0 < args.fraction < 1:
+        raise UserError(f"split: --fraction must be between 0 and 1, got {args.fraction}")
+    loaded = load_preferences(args.source, args.format, on_bad_row=args.on_bad_row)
+    rest, apart = split_pairs(loaded.pairs, args.fraction, args.seed)
+    write_pairs(apart, args.apart)
+    write_pairs(rest, args.rest)
+    print(f"{args.source}: {len(loaded.pairs):,} pairs ({len(loaded.skipped)} rows skipped) -> {len(apart):,} kept "
+          f"apart in {args.apart}, {len(rest):,} private in {args.rest}")
+    return 0
+
+
 def cmd_init_model(args) -> int:
     """A BPE tokenizer built on TEXT and a small random model of a named architecture, saved to --out."""
     from pathlib import Path
 
-    from props_ray.errors import UserError
     from props_ray.offline import init_model
 
     src = Path(args.text)
@@ -145,9 +160,26 @@ def cmd_ui(args) -> int:
 
     uri = args.tracking_uri or TrackingConfig().resolved_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}", flush=True)
+           "--port", str(args.port), "--workers", "1"]  # one user's local UI: not 4 server processes
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {base}", flush=True)
+    for name, url in experiment_urls(uri, base):
+        print(f"  {name}: {url}", flush=True)
     return subprocess.call(cmd)
+
+
+def experiment_urls(uri: str, base: str) -> list[tuple[str, str]]:
+    """Each props-ray experiment's runs table (model-training mode), newest first."""
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        return []
+    from mlflow.tracking import MlflowClient
+
+    from props_ray.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    exps = [e for e in MlflowClient(tracking_uri=uri).search_experiments()
+            if e.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND]
+    exps.sort(key=lambda e: e.last_update_time or 0, reverse=True)
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning") for e in exps]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory to write; eval.judge accepts it")
     p.add_argument("--held-out", type=float, default=0.1, help="share of the pairs kept to measure its accuracy")
     p.set_defaults(fn=cmd_reward_model)
+    p = sub.add_parser("split", help="split a preference file in two reproducible parts: one kept apart (SFT, a "
+                                     "judge, a tokenizer) and the private preference data")
+    p.add_argument("source", help="a preference file (any format data.source reads)")
+    p.add_argument("--apart", required=True, help="JSONL to write the kept-apart part to")
+    p.add_argument("--rest", required=True, help="JSONL to write the private rest to")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of the pairs kept apart (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["auto", "hh_rlhf", "preference", "alpaca_eval"], default="auto")
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
+    p.set_defaults(fn=cmd_split)
     p = sub.add_parser("init-model", help="offline start: a BPE tokenizer built on a text or preference file and "
                                           "a small random model (GPT-NeoX, GPT-2 or Llama), saved as a directory")
     p.add_argument("text", help="a .txt file (one text a line) or a preference file (its prompts and responses)")
@@ -231,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PROPS_RAY_VERBOSE"] = "1"  # read by the Ray start and passed on to every worker
     else:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no store-migration chatter
+        import warnings
+
+        for category in (FutureWarning, DeprecationWarning):  # libraries' notices to their own developers
+            warnings.filterwarnings("ignore", category=category)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from props_ray.ray_runtime import QUIET_ENV

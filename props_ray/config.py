@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from props_ray.errors import UserError
-from props_ray.embedded.config import TaskConfig
+from props_ray.embedded.config import SFTConfig, TaskConfig, TinyModelConfig
 from props_ray.sections import METHOD_SECTIONS, MethodSection, Section, method_name
 
 
@@ -51,21 +51,6 @@ class LoraConfig(_Section):
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="default: per architecture (GPT-NeoX, GPT-2, Llama)")
-
-
-class SFTConfig(_Section):
-    """Warm-up of the embedded reference model."""
-
-    steps: int = Field(300, ge=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    examples: int = Field(4096, gt=0)
-
-
-class TinyModelConfig(_Section):
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
 
 
 class ModelConfig(_Section):
@@ -184,6 +169,10 @@ class AuditConfig(_Section):
     alpha: float = Field(0.05, gt=0, lt=0.5, description="one-sided: the bound holds with confidence 1 - alpha")
 
 
+#: (section, field) of a job that may name a local file or directory
+LOCAL_PATH_FIELDS = (("model", "name"), ("model", "tokenizer"), ("eval", "judge"), ("data", "source"))
+
+
 class JobConfig(_Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -199,6 +188,21 @@ class JobConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
     audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_paths(cls, data):
+        """A relative path to a local model, judge or data file becomes absolute: Ray workers and trial tasks
+        run in other directories, where it would name nothing (and a model would be looked up on the hub)."""
+        if not isinstance(data, dict):
+            return data
+        for section, key in LOCAL_PATH_FIELDS:
+            part = data.get(section)
+            if isinstance(part, dict) and isinstance(part.get(key), str):
+                value = part[key]
+                if value not in ("embedded", "oracle") and not os.path.isabs(value) and os.path.exists(value):
+                    data = {**data, section: {**part, key: os.path.abspath(value)}}
+        return data
 
     @model_validator(mode="before")
     @classmethod

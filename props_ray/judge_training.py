@@ -1,7 +1,7 @@
 """``props-ray reward-model``: a judge for real data, trained on labelled pairs that are *not* the private
 preference data (a public or held-out split), with the reward model of :mod:`props_ray.reward_model`.
 
-The pairs are split once by a seeded hash of their id: most train the Bradley--Terry model on Ray Train
+The pairs are split once by a seeded hash of their id (:mod:`props_ray.data.split`): most train the Bradley--Terry model on Ray Train
 (the same code path as DP-RLHF's reward model, without noise), the rest measure the judge's held-out
 accuracy, the share of pairs whose chosen response it scores higher. The exported directory is what
 ``eval.judge`` loads. Training on the job's own preference data would put its raw labels into the
@@ -22,14 +22,6 @@ from props_ray.config import JobConfig
 from props_ray.errors import UserError
 
 
-def split_held_out(pairs: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, held out): a pair is held out when a seeded hash of its id falls under ``fraction``."""
-    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") / 2 ** 64
-                  for i in pairs["id"]])
-    held = u < fraction
-    return pairs[~held].reset_index(drop=True), pairs[held].reset_index(drop=True)
-
-
 def held_out_accuracy(judge_dir: str, pairs: pd.DataFrame, use_gpu: bool = False) -> float:
     """The share of ``pairs`` whose chosen response the judge scores above the rejected one."""
     from props_ray.judge import RewardModelJudge
@@ -46,6 +38,7 @@ def train_judge(cfg: JobConfig, source: str, out: str | Path, held_out: float = 
     """Train the judge on ``source`` (a preference file or hub id, not the job's own data) with the job's
     model and training settings; export it to ``out`` with ``judge.json`` (its held-out accuracy)."""
     from props_ray.data.loaders import load_preferences
+    from props_ray.data.split import split_pairs
     from props_ray.ray_runtime import ensure_ray
     from props_ray.reference import resolve_reference
     from props_ray.reward_model import export_reward_model
@@ -57,7 +50,7 @@ def train_judge(cfg: JobConfig, source: str, out: str | Path, held_out: float = 
     if not 0 < held_out < 1:
         raise UserError(f"reward-model: --held-out must be between 0 and 1, got {held_out}")
     loaded = load_preferences(source, "auto", on_bad_row=cfg.data.on_bad_row)
-    train, test = split_held_out(loaded.pairs, held_out, cfg.seed)
+    train, test = split_pairs(loaded.pairs, held_out, cfg.seed, salt="judge")
     if len(train) < cfg.train.batch_size or len(test) == 0:
         raise UserError(f"reward-model: {source} has {len(loaded.pairs)} usable pairs: too few for a "
                         f"{held_out:.0%} held-out split and batches of {cfg.train.batch_size}")

@@ -35,6 +35,10 @@ PARENT_TAG = "mlflow.parentRunId"
 FORBIDDEN_PARAM_WORDS = ("raw_label", "true_label", "raw_chosen")
 
 
+#: the experiment tag MLflow 3's UI reads to choose its mode, and the model-training value
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 class TrackingUnavailable(UserError, RuntimeError):
     pass
 
@@ -54,6 +58,9 @@ class Tracker:
         self._check(check_timeout)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            # MLflow 3's UI opens a training experiment on its runs table, not on the GenAI traces view
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def _check(self, timeout: float) -> None:
         """Fail fast with a clear message when the tracking server does not answer."""

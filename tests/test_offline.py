@@ -70,3 +70,58 @@ def test_init_model_cli_on_hh_rlhf(tmp_path):
         text = json.loads(f.readline())["chosen"]
     assert tok.decode(tok(text).input_ids) == text
     assert len(tok(text).input_ids) < len(text.encode()) / 2  # it learned merges: under 2 bytes a token
+
+
+def test_split_is_disjoint_complete_and_reproducible(tmp_path):
+    import pandas as pd
+
+    from props_ray.data.loaders import load_preferences
+    from props_ray.data.split import split_pairs
+
+    pairs = pd.DataFrame({"id": [f"p{i}" for i in range(2000)], "prompt": ["q"] * 2000,
+                          "chosen": ["a"] * 2000, "rejected": ["b"] * 2000})
+    rest, apart = split_pairs(pairs, 0.3, seed=0)
+    assert set(rest["id"]).isdisjoint(apart["id"]) and len(rest) + len(apart) == 2000
+    assert abs(len(apart) / 2000 - 0.3) < 0.04  # 4 binomial standard deviations
+    again = split_pairs(pairs, 0.3, seed=0)[1]
+    assert list(again["id"]) == list(apart["id"])
+    assert list(split_pairs(pairs, 0.3, seed=1)[1]["id"]) != list(apart["id"])
+    if HH.exists():  # the command, on real data: its two files load back as the same pairs
+        done = subprocess.run([sys.executable, "-m", "props_ray.cli", "split", str(HH), "--apart", "a.jsonl",
+                               "--rest", "b.jsonl", "--on-bad-row", "skip"], capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        a, b = (load_preferences(str(tmp_path / f)).pairs for f in ("a.jsonl", "b.jsonl"))
+        whole = load_preferences(str(HH), on_bad_row="skip").pairs
+        assert len(a) + len(b) == len(whole) and set(a["id"]).isdisjoint(b["id"])
+        assert set(a["chosen"]) | set(b["chosen"]) == set(whole["chosen"])
+
+
+def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
+    """Ray workers run in other directories: a job's relative model, judge or data path must not reach them
+    relative (a model would then be looked up on the hub)."""
+    from props_ray.config import JobConfig
+
+    for d in ("base", "judge"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "pairs.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = JobConfig.model_validate({"name": "x", "methods": [{"method": "rr"}], "model": {"name": "base"},
+                                    "eval": {"judge": "judge"}, "data": {"source": "pairs.jsonl"}})
+    assert (cfg.model.name, cfg.eval.judge, cfg.data.source) == (
+        str(tmp_path / "base"), str(tmp_path / "judge"), str(tmp_path / "pairs.jsonl"))
+    hub = JobConfig.model_validate({"name": "x", "methods": [{"method": "rr"}], "model": {"name": "gpt2"},
+                                    "eval": {"judge": "OpenAssistant/reward-model"}})
+    assert (hub.model.name, hub.eval.judge, hub.data.source) == ("gpt2", "OpenAssistant/reward-model", "embedded")
+
+
+def test_a_second_split_is_independent_of_the_first():
+    import pandas as pd
+
+    from props_ray.data.split import split_pairs
+
+    pairs = pd.DataFrame({"id": [f"p{i}" for i in range(4000)], "prompt": ["q"] * 4000,
+                          "chosen": ["a"] * 4000, "rejected": ["b"] * 4000})
+    apart = split_pairs(pairs, 0.5, seed=0)[1]
+    held = split_pairs(apart, 0.1, seed=0, salt="judge")[1]
+    assert abs(len(held) / len(apart) - 0.1) < 0.03  # not 0.2, as one hash for both splits would give

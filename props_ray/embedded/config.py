@@ -1,4 +1,5 @@
-"""The ``task:`` section of a job: the embedded task's parameters, a preset filling those not given."""
+"""The embedded default's sections of a job: ``task`` (the task's parameters, a preset filling those not
+given), and ``model.sft`` and ``model.tiny`` (the reference's warm-up and size)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ class TaskConfig(Section):
         if isinstance(data, dict) and data.get("preset", "standard") in PRESETS:
             return {**PRESETS[data.get("preset", "standard")], **data}
         return data
+
+
+class SFTConfig(Section):
+    """Warm-up of the embedded reference model."""
+
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    examples: int = Field(4096, gt=0)
+
+
+class TinyModelConfig(Section):
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)

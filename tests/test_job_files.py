@@ -43,6 +43,8 @@ def local(tmp_path_factory):
     from props_ray.data.loaders import load_preferences
     from props_ray.offline import init_model
 
+    if not SHARED.exists():
+        pytest.skip("needs ../shared/data")
     d = tmp_path_factory.mktemp("local")
     hh = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     pairs = load_preferences(str(hh), on_bad_row="skip").pairs.head(300)
@@ -111,8 +113,6 @@ def _signature(cfg, method) -> str:
 def test_job_file_runs_in_miniature(path, tmp_path, local, ray_local):
     from props_ray.driver import Job
 
-    if not SHARED.exists():
-        pytest.skip("needs ../shared/data")
     overrides = _miniature(path, tmp_path / "runs", local)
     cfg = load_job(path, overrides)
     todo = [m for m in cfg.methods if _signature(cfg, m) not in _seen]

@@ -33,20 +33,18 @@ def held_out_accuracy(judge_dir: str, pairs: pd.DataFrame, use_gpu: bool = False
     return float(np.mean(scores[:n] > scores[n:]))
 
 
-def train_judge(cfg: JobConfig, source: str, out: str | Path, held_out: float = 0.1,
-                say=print) -> dict:
+def train_judge(cfg: JobConfig, source: str, out: str | Path, held_out: float = 0.1) -> dict:
     """Train the judge on ``source`` (a preference file or hub id, not the job's own data) with the job's
     model and training settings; export it to ``out`` with ``judge.json`` (its held-out accuracy)."""
     from props_ray.data.loaders import load_preferences
-    from props_ray.data.split import split_pairs
+    from props_ray.data.split import refuse_private_source, split_pairs
     from props_ray.ray_runtime import ensure_ray
     from props_ray.reference import resolve_reference
     from props_ray.reward_model import export_reward_model
     from props_ray.train.trainer import fit_reward_model
 
-    if Path(source).resolve() == Path(cfg.data.source).resolve() or source == cfg.data.source:
-        raise UserError(f"reward-model: {source} is the job's own preference data (data.source); a judge "
-                        "trained on it would carry its raw labels. Give a public or held-out split")
+    refuse_private_source(source, cfg.data.source, "reward-model", "a judge trained on it would carry its raw "
+                          "labels. Give a public or held-out split")
     if not 0 < held_out < 1:
         raise UserError(f"reward-model: --held-out must be between 0 and 1, got {held_out}")
     loaded = load_preferences(source, "auto", on_bad_row=cfg.data.on_bad_row)

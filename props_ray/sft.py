@@ -43,6 +43,7 @@ def run_sft(cfg: JobConfig, source: str, out: str | Path, epsilon: float | None 
     import ray.data
 
     from props_ray.data.loaders import load_preferences
+    from props_ray.data.split import refuse_private_source
     from props_ray.modeling import build_policy, load_tokenizer
     from props_ray.ray_runtime import ensure_ray
     from props_ray.train.trainer import fit_stages
@@ -50,9 +51,8 @@ def run_sft(cfg: JobConfig, source: str, out: str | Path, epsilon: float | None 
     if cfg.model.name == "embedded":
         raise UserError("sft: model.name is 'embedded', whose reference is already warmed up on public task "
                         "data; give a hub id or a directory (e.g. one props-ray init-model wrote)")
-    if Path(source).resolve() == Path(cfg.data.source).resolve() or source == cfg.data.source:
-        raise UserError(f"sft: {source} is the job's own preference data (data.source); SFT on it would put "
-                        "its prompts and preferred responses into the reference. Give a split kept apart")
+    refuse_private_source(source, cfg.data.source, "sft", "SFT on it would put its prompts and preferred "
+                          "responses into the reference. Give a split kept apart")
     if epsilon is not None and not epsilon > 0:
         raise UserError(f"sft: --epsilon must be positive, got {epsilon}")
     pairs = load_preferences(source, "auto", on_bad_row=cfg.data.on_bad_row).pairs

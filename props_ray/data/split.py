@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from props_ray.errors import UserError
+
 
 def split_pairs(pairs: pd.DataFrame, fraction: float, seed: int, salt: str = "split") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the rest, the ``fraction`` part), each in the input's order. Splits with different ``salt`` are
@@ -20,6 +22,13 @@ def split_pairs(pairs: pd.DataFrame, fraction: float, seed: int, salt: str = "sp
                   for i in pairs["id"]])
     part = u < fraction
     return pairs[~part].reset_index(drop=True), pairs[part].reset_index(drop=True)
+
+
+def refuse_private_source(source: str, private_source: str, command: str, why: str) -> None:
+    """A kept-apart split must not be the job's own preference data (``data.source``): ``why`` says what
+    training ``command`` on it would leak."""
+    if source == private_source or Path(source).resolve() == Path(private_source).resolve():
+        raise UserError(f"{command}: {source} is the job's own preference data (data.source); {why}")
 
 
 def write_pairs(pairs: pd.DataFrame, path: str | Path) -> None:

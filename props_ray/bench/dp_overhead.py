@@ -63,7 +63,8 @@ def _reset_peak_rss() -> bool:
 
 
 # Pythia architectures (hidden, layers, heads, MLP width), from the Pythia suite's configs.
-PYTHIA = {"pythia-410m-arch": (1024, 24, 16, 4096), "pythia-1b-arch": (2048, 16, 8, 8192)}
+PYTHIA = {"pythia-160m-arch": (768, 12, 12, 3072), "pythia-410m-arch": (1024, 24, 16, 4096),
+          "pythia-1b-arch": (2048, 16, 8, 8192)}
 
 
 def pythia_config(name: str, vocab_size: int = 50304):
@@ -75,7 +76,9 @@ def pythia_config(name: str, vocab_size: int = 50304):
                          rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
 
 
-def build_model(name: str):
+def build_model(name: str, weights: str = "float32"):
+    """The bench model with a fresh LoRA adapter (r = 8). ``weights`` bfloat16/float16 stores the frozen base
+    weights in that precision (the adapters stay float32); float32 is what jobs run today."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import GPTNeoXForCausalLM
@@ -98,8 +101,13 @@ def build_model(name: str):
         targets = LORA_TARGETS["gpt_neox"] + ["lm_head"]
     else:
         raise ValueError(f"unknown bench model {name!r}: tiny or one of {sorted(PYTHIA)}")
+    if weights != "float32":
+        base = base.to(getattr(torch, weights))
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                                             task_type="CAUSAL_LM"))
+    for p in model.parameters():  # the trained adapters in float32 whatever the base's precision
+        if p.requires_grad:
+            p.data = p.data.float()
     return model, vocab
 
 
@@ -121,7 +129,8 @@ def make_batch(n: int, length: int, vocab: int, device):
     return {k: v.to(device) for k, v in out.items()}
 
 
-def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype: str = "float32"):
+def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype: str = "float32",
+              weights: str = "float32"):
     """(step function returning (total seconds, reference-forward seconds), trainable count, total count).
 
     ``dtype`` bfloat16/float16: the forwards run under autocast on CUDA, as the training loop runs them
@@ -133,7 +142,7 @@ def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype
     from props_ray.modeling import AUTOCAST_DTYPES, Reference
 
     torch.manual_seed(0)
-    policy, vocab = build_model(model_name)
+    policy, vocab = build_model(model_name, weights)
     policy = policy.to(device).train()
     reference = Reference(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -194,14 +203,14 @@ def _device():
 
 
 def measure_memory(model_name: str, mode: str, batch: int, length: int, steps: int, warmup: int,
-                   dtype: str = "float32") -> dict:
+                   dtype: str = "float32", weights: str = "float32") -> dict:
     """Peak memory of one mode alone in this process (see the module docstring)."""
     import gc
 
     import torch
 
     device = _device()
-    step, trainable, total = make_step(model_name, mode, batch, length, device, dtype)
+    step, trainable, total = make_step(model_name, mode, batch, length, device, dtype, weights)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -217,11 +226,12 @@ def measure_memory(model_name: str, mode: str, batch: int, length: int, steps: i
             "total_params": total, "device": device.type}
 
 
-def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: int, dtype: str = "float32") -> dict:
+def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: int, dtype: str = "float32",
+                 weights: str = "float32") -> dict:
     """Both modes in one process on identical model copies, steps interleaved (alternating which goes
     first), so a busy machine slows both alike; medians of per-step times."""
     device = _device()
-    steps_fn = {m: make_step(model_name, m, batch, length, device, dtype)[0] for m in ("nonprivate", "dpsgd")}
+    steps_fn = {m: make_step(model_name, m, batch, length, device, dtype, weights)[0] for m in ("nonprivate", "dpsgd")}
     times: dict = {m: [] for m in steps_fn}
     for i in range(warmup + steps):
         order = ("nonprivate", "dpsgd") if i % 2 == 0 else ("dpsgd", "nonprivate")
@@ -239,11 +249,11 @@ def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: i
 # --------------------------------------------------------------------------- driver
 
 def run_child(args, what: str, model: str, mode: str, batch: int, length: int, steps: int, warmup: int,
-              dtype: str = "float32") -> dict:
+              dtype: str = "float32", weights: str = "float32") -> dict:
     """One measurement in a fresh subprocess (``args.threads`` torch threads)."""
     cmd = [sys.executable, "-m", "props_ray.bench.dp_overhead", "--child", what, model, mode, "--batch", str(batch),
            "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads),
-           "--dtype", dtype]
+           "--dtype", dtype, "--weights", weights]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -300,6 +310,8 @@ def main(argv=None) -> None:
                     help="torch CPU threads (default 1, what each Ray Train worker uses with cpus_per_worker=1)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="autocast precision of the forwards on CUDA (weights stay float32)")
+    ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="precision of the frozen base weights (the LoRA adapters stay float32)")
     ap.add_argument("--large-on-cpu", action="store_true",
                     help="also run the Pythia-410m-architecture model without CUDA (slow)")
     args = ap.parse_args(argv)
@@ -309,10 +321,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
         what, model, mode = args.child
         if what == "time":
-            print(json.dumps(measure_time(model, args.batch, args.length, args.steps, args.warmup, args.dtype)))
+            print(json.dumps(measure_time(model, args.batch, args.length, args.steps, args.warmup, args.dtype,
+                                          args.weights)))
         else:
             print(json.dumps(measure_memory(model, mode, args.batch, args.length, args.steps, args.warmup,
-                                            args.dtype)))
+                                            args.dtype, args.weights)))
         return
 
     import torch
@@ -320,16 +333,17 @@ def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     runs = [("tiny", args.batch or 32, args.length or 16, args.steps, args.warmup)]
     if cuda:
-        runs.append(("pythia-410m-arch", args.batch or 8, args.length or 256, args.steps, args.warmup))
+        runs += [(m, args.batch or 8, args.length or 256, args.steps, args.warmup)
+                 for m in ("pythia-160m-arch", "pythia-410m-arch")]
     elif args.large_on_cpu:  # seconds per step on a CPU: a short run
         runs.append(("pythia-410m-arch", args.batch or 2, args.length or 64, min(args.steps, 3), 1))
     else:
-        print("(no CUDA: skipping the Pythia-410m-architecture model; --large-on-cpu runs it anyway)")
+        print("(no CUDA: skipping the Pythia-160m- and -410m-architecture models; --large-on-cpu runs the 410m one anyway)")
     print(f"device: {'cuda ' + torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"{args.threads} CPU thread(s)")
     for model, batch, length, steps, warmup in runs:
-        t = run_child(args, "time", model, "both", batch, length, steps, warmup, args.dtype)
-        mem = {m: run_child(args, "memory", model, m, batch, length, min(steps, 5), warmup, args.dtype)
+        t = run_child(args, "time", model, "both", batch, length, steps, warmup, args.dtype, args.weights)
+        mem = {m: run_child(args, "memory", model, m, batch, length, min(steps, 5), warmup, args.dtype, args.weights)
                for m in ("nonprivate", "dpsgd")}
         print(f"\n({steps} timed steps per mode, interleaved, after {warmup} warm-up steps)", end="")
         report(model, batch, length, t, mem)

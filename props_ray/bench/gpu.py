@@ -1,15 +1,17 @@
 """GPU figures: DPO steps of a Pythia-1B-architecture model in bf16, non-private and DP-SGD.
 
     props-ray bench --only gpu                 (says "skipped" without a CUDA device)
-    python -m props_ray.bench.gpu [--batch 8] [--length 512] [--steps 10] [--peak-tflops X]
+    python -m props_ray.bench.gpu [--model pythia-1b-arch] [--batch 8] [--length 512] [--steps 10]
+                                  [--weights float32|bfloat16] [--peak-tflops X]
 
 The weights are random (the hub is not needed to time a step). The step is the
 training loop's, as :mod:`props_ray.bench.dp_overhead` runs it on a fixed batch:
 reference log-probs with the adapters off, the policy forward of the 2B rows, the
 DPO loss, backward and AdamW. Non-private steps clip globally; DP-SGD steps take
 per-pair samples, clip them and add noise. LoRA (r = 8) sits on attention and MLP.
-Weights stay float32 and the forwards run under bf16 autocast, as a job with
-``model.dtype: bfloat16`` runs them.
+By default the weights stay float32 and the forwards run under bf16 autocast, as a job with
+``model.dtype: bfloat16`` runs them; ``--weights bfloat16`` stores the frozen base in bf16 (the
+adapters stay float32), to measure what that would gain.
 
 Per mode it reports step time, pairs/s, tokens/s (2 rows x ``length`` tokens a
 pair) and peak memory, plus the DP-SGD/non-private step-time ratio. MFU is model
@@ -54,8 +56,25 @@ def step_flops(config, pairs: int, length: int) -> int:
     return 3 * forward_flops_per_token(config, length) * 2 * pairs * length
 
 
+def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """The device's measured dense bf16 rate: an n x n x n product on random data, after warm-up."""
+    import torch
+
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
 def measure(model: str = "pythia-1b-arch", batch: int = 8, length: int = 512, steps: int = 10, warmup: int = 3,
-            dtype: str = "bfloat16", peak: float | None = None, require_cuda: bool = True) -> dict:
+            dtype: str = "bfloat16", peak: float | None = None, require_cuda: bool = True,
+            weights: str = "float32") -> dict:
     """Step times, throughput, MFU and peak memory per mode; ``{"skipped": why}`` without CUDA."""
     import torch
 
@@ -66,30 +85,37 @@ def measure(model: str = "pythia-1b-arch", batch: int = 8, length: int = 512, st
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak or peak_tflops(device_name)
     args = argparse.Namespace(threads=torch.get_num_threads())
-    t = dp_overhead.run_child(args, "time", model, "both", batch, length, steps, warmup, dtype)
-    mem = {m: dp_overhead.run_child(args, "memory", model, m, batch, length, min(steps, 5), warmup, dtype)
+    t = dp_overhead.run_child(args, "time", model, "both", batch, length, steps, warmup, dtype, weights)
+    mem = {m: dp_overhead.run_child(args, "memory", model, m, batch, length, min(steps, 5), warmup, dtype, weights)
            for m in ("nonprivate", "dpsgd")}
     if model in dp_overhead.PYTHIA:
         config = dp_overhead.pythia_config(model)
     else:
         config = dp_overhead.build_model(model)[0].base_model.model.config
     flops = step_flops(config, batch, length)
-    out = {"model": model, "device": device_name, "dtype": dtype, "pairs_per_step": batch, "tokens_per_row": length,
+    measured = matmul_tflops() if torch.cuda.is_available() else None
+    out = {"model": model, "device": device_name, "dtype": dtype, "weights": weights, "pairs_per_step": batch,
+           "tokens_per_row": length, "measured_matmul_tflops": measured,
            "timed_steps": steps, "flops_per_step": flops, "peak_tflops": peak,
            "time_ratio": t["dpsgd"]["step_s"] / t["nonprivate"]["step_s"]}
     for m in ("nonprivate", "dpsgd"):
         s = t[m]["step_s"]
         out[m] = {"step_ms": s * 1e3, "pairs_per_s": batch / s, "tokens_per_s": 2 * batch * length / s,
-                  "mfu": flops / s / (peak * 1e12) if peak else None, "peak_memory_mib": mem[m]["peak_mib"]}
+                  "mfu": flops / s / (peak * 1e12) if peak else None,
+                  "of_measured_matmul": flops / s / (measured * 1e12) if measured else None,
+                  "peak_memory_mib": mem[m]["peak_mib"]}
     return out
 
 
 def format_lines(g: dict) -> list[str]:
     if "skipped" in g:
         return [f"gpu: skipped ({g['skipped']}); the Pythia-1B-architecture figures need a CUDA device"]
-    head = (f"gpu: {g['model']} on {g['device']}, {g['dtype']} autocast, {g['pairs_per_step']} pairs x 2 rows x "
-            f"{g['tokens_per_row']} tokens, {g['timed_steps']} timed steps")
+    head = (f"gpu: {g['model']} on {g['device']}, {g['dtype']} autocast, {g.get('weights', 'float32')} base weights, "
+            f"{g['pairs_per_step']} pairs x 2 rows x {g['tokens_per_row']} tokens, {g['timed_steps']} timed steps")
     lines = [head]
+    if g.get("measured_matmul_tflops"):
+        lines.append(f"  the device's bf16 matrix product (8192^3, random data): {g['measured_matmul_tflops']:.0f} TFLOP/s; "
+                     f"MFU below is against the data sheet's {g['peak_tflops']} TFLOP/s")
     for m in ("nonprivate", "dpsgd"):
         r = g[m]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "- (unknown peak: --peak-tflops)"
@@ -107,10 +133,13 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="precision of the frozen base weights (the adapters stay float32)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense peak for this dtype")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    g = measure(args.model, args.batch, args.length, args.steps, args.warmup, args.dtype, args.peak_tflops)
+    g = measure(args.model, args.batch, args.length, args.steps, args.warmup, args.dtype, args.peak_tflops,
+                weights=args.weights)
     print("\n".join(format_lines(g)))
     if args.json:
         with open(args.json, "w") as f:

@@ -83,7 +83,8 @@ def cmd_bench(args) -> int:
     from props_ray.bench.suite import run_bench
 
     sections = args.only or list(BENCH_SECTIONS)
-    run_bench(args.quick, sections, args.output_dir, job=args.job, json_path=args.json, overrides=args.overrides)
+    run_bench(args.quick, sections, args.output_dir, job=args.job, json_path=args.json, overrides=args.overrides,
+              throughput_model=args.throughput_model)
     return 0
 
 
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a field of the demo section's job (repeatable)")
     p.add_argument("--output-dir", default="runs/bench", help="where the bench's jobs write (default runs/bench)")
+    p.add_argument("--throughput-model", choices=["tiny", "pythia-160m-arch"], default=None,
+                   help="the throughput section's model (default: tiny with --quick, else pythia-160m-arch)")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("sft", help="SFT the job's base model on the preferred responses of a split kept apart "
                                    "from the preference data: the reference (DP-SGD with --epsilon)")

@@ -10,7 +10,6 @@ judge, so that is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ def train_judge(cfg: JobConfig, source: str, out: str | Path, held_out: float = 
     from props_ray.ray_runtime import ensure_ray
     from props_ray.reference import resolve_reference
     from props_ray.reward_model import export_reward_model
-    from props_ray.train.trainer import fit_reward_model
+    from props_ray.train.trainer import fit_reward_model, run_name_for
 
     refuse_private_source(source, cfg.data.source, "reward-model", "a judge trained on it would carry its raw "
                           "labels. Give a public or held-out split")
@@ -55,7 +54,7 @@ def train_judge(cfg: JobConfig, source: str, out: str | Path, held_out: float = 
     base = resolve_reference(cfg)
     t = time.time()
     ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
-    ck = fit_reward_model(cfg, train, base, name=f"judge-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}")
+    ck = fit_reward_model(cfg, train, base, name=run_name_for("judge", out))
     path = export_reward_model(base, cfg.model, ck.model_path, out)
     accuracy = held_out_accuracy(str(path), test, cfg.train.use_gpu)
     info = {"source": str(source), "base": base, "train_pairs": len(train), "held_out_pairs": len(test),

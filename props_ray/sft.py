@@ -14,7 +14,6 @@ job's ``data.source`` is refused).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ def run_sft(cfg: JobConfig, source: str, out: str | Path, epsilon: float | None 
     from props_ray.data.split import refuse_private_source
     from props_ray.modeling import build_policy, load_tokenizer
     from props_ray.ray_runtime import ensure_ray
-    from props_ray.train.trainer import fit_stages
+    from props_ray.train.trainer import fit_stages, run_name_for
 
     if cfg.model.name == "embedded":
         raise UserError("sft: model.name is 'embedded', whose reference is already warmed up on public task "
@@ -62,7 +61,7 @@ def run_sft(cfg: JobConfig, source: str, out: str | Path, epsilon: float | None 
     rows = sft_rows(tok, pairs, cfg.data.max_prompt_length, cfg.data.max_response_length)
     t = time.time()
     ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
-    name = f"sft-{hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]}"
+    name = run_name_for("sft", out)
     ck = fit_stages(cfg, run_name=name, trial="sft", method="sft", engine="dpsgd" if epsilon else "standard",
                     objective="language_model", stages=[1], datasets={1: ray.data.from_items(rows)},
                     base_path=cfg.model.name, init_adapter=None, loss="sigmoid", flip_rate=None,

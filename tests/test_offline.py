@@ -125,3 +125,15 @@ def test_a_second_split_is_independent_of_the_first():
     apart = split_pairs(pairs, 0.5, seed=0)[1]
     held = split_pairs(apart, 0.1, seed=0, salt="judge")[1]
     assert abs(len(held) / len(apart) - 0.1) < 0.03  # not 0.2, as one hash for both splits would give
+
+
+def test_sft_and_judge_runs_are_named_by_the_resolved_output(tmp_path, monkeypatch):
+    """A relative --out and the same directory given absolute resume the same Ray Train run; another
+    directory does not."""
+    from props_ray.train.trainer import run_name_for
+
+    monkeypatch.chdir(tmp_path)
+    assert run_name_for("sft", "ref") == run_name_for("sft", tmp_path / "ref")
+    assert run_name_for("judge", "./judge") == run_name_for("judge", str(tmp_path / "judge"))
+    assert run_name_for("sft", "ref") != run_name_for("sft", "other")
+    assert run_name_for("sft", "ref") != run_name_for("judge", "ref")

@@ -107,6 +107,35 @@ def measure(model: str = "pythia-1b-arch", batch: int = 8, length: int = 512, st
     return out
 
 
+def profile(path: str, model: str = "pythia-1b-arch", batch: int = 8, length: int = 512,
+            modes: tuple[str, ...] = ("nonprivate", "dpsgd"), dtype: str = "bfloat16") -> None:
+    """Where a step's time goes: ``torch.profiler`` over 3 steps (after 2 warm-up steps) per mode, the
+    operators sorted by device time, written to ``path`` (one table per mode, each as soon as it is done)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from props_ray.bench import dp_overhead
+
+    device = dp_overhead._device()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        for mode in modes:
+            step = dp_overhead.make_step(model, mode, batch, length, device, dtype)[0]
+            for _ in range(2):
+                step()
+            with torch_profile(activities=activities) as prof:
+                times = [step()[0] for _ in range(3)]
+            f.write(f"== {model} {mode}: {batch} pairs x 2 rows x {length} tokens, {dtype} autocast; "
+                    f"steps {', '.join(f'{t * 1e3:.1f}' for t in times)} ms\n")
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+            f.flush()
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def format_lines(g: dict) -> list[str]:
     if "skipped" in g:
         return [f"gpu: skipped ({g['skipped']}); the Pythia-1B-architecture figures need a CUDA device"]
@@ -137,7 +166,12 @@ def main(argv=None) -> None:
                     help="precision of the frozen base weights (the adapters stay float32)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense peak for this dtype")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="PATH",
+                    help="instead of timing, write torch.profiler's operator table of each mode's step to PATH")
     args = ap.parse_args(argv)
+    if args.profile:
+        profile(args.profile, args.model, args.batch, args.length, dtype=args.dtype)
+        return
     g = measure(args.model, args.batch, args.length, args.steps, args.warmup, args.dtype, args.peak_tflops,
                 weights=args.weights)
     print("\n".join(format_lines(g)))

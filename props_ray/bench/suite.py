@@ -43,6 +43,9 @@ SIZES = {
     # --quick: PROPS alone with K = 2 (two training runs and a relabel), fewer pairs and prompts.
     "demo_overrides": (["data.num_pairs=900", "data.eval_prompts=64", "stages=2", "methods=[{method: props}]"], []),
     "throughput_pairs": (512, 2048), "throughput_epochs": (2, 3),
+    # throughput: the embedded tiny model (--quick), or a Pythia-160M architecture on 2 x 128-token pairs
+    # (pairs, batch, prompt tokens, response tokens) of the Pythia one
+    "throughput_model": ("tiny", "pythia-160m-arch"), "throughput_160m": ((16, 8, 64, 64), (32, 8, 64, 64)),
     "dp_steps": (8, 30), "relabel_pairs": (1024, 4096), "ppo_steps": (3, 8), "synthetic_samples": (1024, 8192), "gpu_steps": (5, 10),
 }
 
@@ -66,7 +69,8 @@ def machine() -> dict:
 
 
 def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "jobs/demo.yaml",
-              json_path: str | None = None, overrides: list[str] | None = None, say=print) -> dict:
+              json_path: str | None = None, overrides: list[str] | None = None, say=print,
+              throughput_model: str | None = None) -> dict:
     from props_ray.bench.throughput import bench_job, bench_pairs
     from props_ray.reference import resolve_reference
 
@@ -95,16 +99,28 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
     if "throughput" in sections:
         from props_ray.bench import throughput
 
-        pairs = bench_pairs(cfg)
-        say(f"[bench] throughput: {len(pairs)} pairs, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs")
-        sec = {"props_ray": throughput.props_ray_throughput(cfg, base, pairs)}
+        model = throughput_model or _size("throughput_model", quick)
+        t_cfg, t_base = cfg, base
+        if model == "tiny":
+            pairs = bench_pairs(cfg)
+        else:  # a Pythia architecture, random weights, pairs of exactly 2 x (prompt + response) tokens
+            n, batch, prompt_len, response_len = _size("throughput_160m", quick)
+            t_base = throughput.pythia_base(str(out_dir / "models"), base, model)
+            t_cfg = bench_job(str(out_dir / f"train-{model}"), n, batch, 2, num_workers=2, cpus_per_worker=1,
+                              model_name=t_base, lengths=(prompt_len, response_len))
+            pairs = throughput.long_pairs(t_base, n, prompt_len, response_len)
+        say(f"[bench] throughput: {model}, {len(pairs)} pairs, batch {t_cfg.train.batch_size}, "
+            f"{t_cfg.train.epochs} epochs, {t_cfg.data.max_prompt_length + t_cfg.data.max_response_length} "
+            "tokens a row")
+        sec = {"model": model, "tokens_per_row": t_cfg.data.max_prompt_length + t_cfg.data.max_response_length,
+               "props_ray": throughput.props_ray_throughput(t_cfg, t_base, pairs)}
         version = throughput.trl_available()
         if version is None:
             sec["trl"] = {"missing": "TRL is not installed: pip install -c constraints.txt -e '.[bench]'"}
             say("  TRL is not installed (the 'bench' extra); the comparison is skipped")
         else:
-            threads = int(cfg.train.num_workers * cfg.train.cpus_per_worker)
-            sec["trl"] = {"version": version, **throughput.trl_throughput(cfg, base, pairs, threads)}
+            threads = int(t_cfg.train.num_workers * t_cfg.train.cpus_per_worker)
+            sec["trl"] = {"version": version, **throughput.trl_throughput(t_cfg, t_base, pairs, threads)}
             sec["ratio"] = sec["props_ray"]["pairs_per_s"] / sec["trl"]["pairs_per_s"]
         report["sections"]["throughput"] = sec
 
@@ -163,11 +179,11 @@ def format_report(report: dict) -> str:
         t = s["throughput"]
         p = t["props_ray"]
         if "ratio" in t:
-            rows.append(["DPO training throughput (pairs/s)", f"{p['pairs_per_s']:.1f}",
+            rows.append([f"DPO training throughput (pairs/s, {t.get('model', 'tiny')})", f"{p['pairs_per_s']:.1f}",
                          f"TRL {t['trl']['version']}: {t['trl']['pairs_per_s']:.1f}", f"{t['ratio']:.2f}x",
                          verdict("throughput", t["ratio"])])
         else:
-            rows.append(["DPO training throughput (pairs/s)", f"{p['pairs_per_s']:.1f}", "TRL not installed", "-",
+            rows.append([f"DPO training throughput (pairs/s, {t.get('model', 'tiny')})", f"{p['pairs_per_s']:.1f}", "TRL not installed", "-",
                          "skipped"])
     if "dp_overhead" in s:
         d = s["dp_overhead"]

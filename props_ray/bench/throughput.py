@@ -1,5 +1,9 @@
 """Non-private DPO training throughput: props-ray's Ray Train loop against TRL's ``DPOTrainer``.
 
+Two models: the embedded one (``--quick``: a tiny model, where a step is mostly framework work), and
+a Pythia-160M-architecture GPT-NeoX with random weights (:func:`pythia_base`, the full bench) on
+pairs of exactly 2 x 128 tokens (:func:`long_pairs`), where a step is mostly matrix products.
+
 Both train the same model (the embedded reference with a fresh LoRA adapter on
 the same modules), on the same pairs, with the same global batch, sequence
 lengths, number of steps, optimizer (AdamW, same learning rate), ``sigmoid``
@@ -26,19 +30,68 @@ from props_ray.modeling import LORA_TARGETS
 
 
 def bench_job(output_dir: str, pairs: int, batch_size: int, epochs: int, num_workers: int,
-              cpus_per_worker: float, method: str = "nonprivate", **train) -> JobConfig:
-    """The bench's job: the embedded task and model, one stage, no tracking server needed."""
+              cpus_per_worker: float, method: str = "nonprivate", model_name: str = "embedded",
+              lengths: tuple[int, int] | None = None, **train) -> JobConfig:
+    """The bench's job: the embedded task and model (or ``model_name``, a local directory, with
+    ``lengths`` = (prompt, response) tokens), one stage, no tracking server needed."""
+    data = {"source": "embedded", "num_pairs": pairs, "eval_prompts": 16}
+    if lengths:
+        data.update(max_prompt_length=lengths[0], max_response_length=lengths[1])
     return JobConfig.model_validate({
-        "name": "bench", "seed": 0, "stages": 1, "output_dir": output_dir,
-        "data": {"source": "embedded", "num_pairs": pairs, "eval_prompts": 16},
+        "name": "bench", "seed": 0, "stages": 1, "output_dir": output_dir, "data": data,
         "train": {"num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "batch_size": batch_size,
                   "epochs": epochs, "lr": 0.002, "beta": 0.1, "log_every": 10_000, **train},
         "methods": [{"method": method}],
         # TRL cannot put a LoRA adapter on lm_head (it reads lm_head.weight directly), so both sides
         # adapt the attention and MLP projections only.
-        "model": {"lora": {"target_modules": LORA_TARGETS["gpt_neox"]}},
+        "model": {"name": model_name, "lora": {"target_modules": LORA_TARGETS["gpt_neox"]}},
         "tracking": {"tracking_uri": f"sqlite:///{output_dir}/bench-mlflow.db"},
     })
+
+
+def pythia_base(out_dir: str, embedded_base: str, architecture: str = "pythia-160m-arch") -> str:
+    """A Pythia-architecture GPT-NeoX with random weights and the embedded task's word-level tokenizer
+    (whose ids all fall inside Pythia's 50,304-token vocabulary), saved where ``from_pretrained`` loads it."""
+    from pathlib import Path
+
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    from props_ray.bench.dp_overhead import pythia_config
+    from props_ray.modeling import load_tokenizer
+
+    path = Path(out_dir) / architecture
+    if (path / "config.json").exists():
+        return str(path)
+    tok = load_tokenizer(embedded_base)
+    config = pythia_config(architecture)
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.eos_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPTNeoXForCausalLM(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def long_pairs(base_path: str, n: int, prompt_tokens: int, response_tokens: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` pairs of random task words: a prompt of ``prompt_tokens`` words and responses of
+    ``response_tokens - 1`` (the end-of-sequence token completes them), one token a word, so every row is
+    exactly ``prompt_tokens + response_tokens`` tokens long in both trainers and neither truncates or pads."""
+    import numpy as np
+
+    from props_ray.modeling import load_tokenizer
+
+    tok = load_tokenizer(base_path)
+    words = [w for w, i in tok.get_vocab().items() if i not in tok.all_special_ids and not w.startswith("<")]
+    rng = np.random.default_rng(seed)
+
+    def text(k):
+        return " ".join(rng.choice(words, size=k))
+
+    return pd.DataFrame({"id": [f"long-{i}" for i in range(n)], "prompt": [text(prompt_tokens) for _ in range(n)],
+                         "chosen": [text(response_tokens - 1) for _ in range(n)],
+                         "rejected": [text(response_tokens - 1) for _ in range(n)]})
 
 
 def bench_pairs(cfg: JobConfig) -> pd.DataFrame:

@@ -26,6 +26,14 @@ class StageCheckpoint:
         return Path(self.path) / METRICS
 
 
+def run_name_for(prefix: str, out: str | Path) -> str:
+    """The Ray Train run name of a command that writes ``out``: a hash of its resolved path, so a rerun
+    with the same directory resumes the same run however the path was spelled (relative or absolute)."""
+    import hashlib
+
+    return f"{prefix}-{hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]}"
+
+
 def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages: list[int], datasets: dict,
                engine: str | None = None, objective: str = "dpo",
                base_path: str, init_adapter: str | None, loss: str, flip_rate: float | None,

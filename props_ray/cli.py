@@ -170,17 +170,19 @@ def cmd_ui(args) -> int:
 
 
 def experiment_urls(uri: str, base: str) -> list[tuple[str, str]]:
-    """Each props-ray experiment's runs table (model-training mode), newest first."""
+    """Each props-ray experiment's runs table (model-training mode), newest first: the trials view
+    (:data:`props_ray.tracking.TRIALS_VIEW_STATE`) where the experiment has it."""
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
         return []
     from mlflow.tracking import MlflowClient
 
-    from props_ray.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from props_ray.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TRIALS_VIEW, TRIALS_VIEW_TAG
 
     exps = [e for e in MlflowClient(tracking_uri=uri).search_experiments()
             if e.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND]
     exps.sort(key=lambda e: e.last_update_time or 0, reverse=True)
-    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning") for e in exps]
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning"
+                     + (f"&viewStateShareKey={TRIALS_VIEW}" if TRIALS_VIEW_TAG in e.tags else "")) for e in exps]
 
 
 def main(argv: list[str] | None = None) -> int:

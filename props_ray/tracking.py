@@ -38,6 +38,22 @@ FORBIDDEN_PARAM_WORDS = ("raw_label", "true_label", "raw_chosen")
 #: the experiment tag MLflow 3's UI reads to choose its mode, and the model-training value
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
+#: A saved view of the runs table (MLflow 3 reads an experiment tag ``mlflow.sharedViewState.KEY`` when the
+#: page is opened with ``?viewStateShareKey=KEY``): the trials alone (the runs with a win rate), flat rather
+#: than collapsed under their job run (MLflow nests children only when sorting by date), best reward first,
+#: with their method, epsilon and results as columns. ``props-ray ui`` prints its URL.
+TRIALS_VIEW = "props-ray-trials"
+TRIALS_VIEW_TAG = f"mlflow.sharedViewState.{TRIALS_VIEW}"
+TRIALS_VIEW_STATE = {
+    "searchFilter": "metrics.win_rate >= 0",
+    "orderByKey": "metrics.`reward_mean`",
+    "orderByAsc": False,
+    "selectedColumns": ["params.`method_name`", "params.`epsilon`", "params.`seed`", "metrics.`win_rate`",
+                        "metrics.`reward_mean`", "metrics.`label_accuracy`", "metrics.`epsilon_spent`",
+                        "params.`privacy_unit`"],
+    "runsHiddenMode": "SHOW_ALL",
+}
+
 
 class TrackingUnavailable(UserError, RuntimeError):
     pass
@@ -58,9 +74,13 @@ class Tracker:
         self._check(check_timeout)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        tags = exp.tags if exp else {}
+        if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
             # MLflow 3's UI opens a training experiment on its runs table, not on the GenAI traces view
             self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        view = json.dumps(TRIALS_VIEW_STATE)
+        if tags.get(TRIALS_VIEW_TAG) != view:
+            self.client.set_experiment_tag(self.experiment_id, TRIALS_VIEW_TAG, view)
 
     def _check(self, timeout: float) -> None:
         """Fail fast with a clear message when the tracking server does not answer."""

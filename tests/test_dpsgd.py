@@ -213,6 +213,36 @@ def test_per_pair_samples_of_every_layer_type_match_torch_func():
         assert torch.allclose(p.grad_sample, want[n], atol=1e-10), n
 
 
+def test_under_autocast_linear_activations_are_kept_in_the_low_precision_with_the_same_samples(monkeypatch):
+    """bf16 autocast (CPU here, CUDA in jobs): the hook keeps a linear layer's input in bf16, and the per-pair
+    samples equal those from float32-kept activations exactly (the sampler casts them to bf16 anyway)."""
+    from opacus import GradSampleModule
+
+    from props_ray.dpsgd.grad_sample import PairGradSampleModule
+
+    def samples(keep_low: bool):
+        policy = tiny_lora("gpt_neox", seed=3)
+        if not keep_low:  # Opacus's own capture: the float32 input as it came (hooks bind on wrapping)
+            monkeypatch.setattr(PairGradSampleModule, "capture_activations_hook",
+                                GradSampleModule.capture_activations_hook)
+        model = PairGradSampleModule(policy)
+        seen = []
+        lora_a = next(m for n, m in policy.named_modules() if n.endswith("lora_A.default"))
+        lora_a.register_forward_hook(lambda m, i, o: seen.append(m.activations[-1][0].dtype), prepend=False)
+        batch = make_pairs(4, seed=5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            per_pair = dpo_per_pair(model, Reference(policy), batch)
+        per_pair.sum().backward()
+        monkeypatch.undo()
+        return {n: p.grad_sample.clone() for n, p in trainable(policy).items()}, seen
+
+    low, low_dtypes = samples(keep_low=True)
+    full, full_dtypes = samples(keep_low=False)
+    assert set(low_dtypes) == {torch.bfloat16} and set(full_dtypes) == {torch.float32}
+    for n in full:
+        assert torch.equal(low[n], full[n]), n
+
+
 def test_per_pair_samples_refuse_an_odd_number_of_rows():
     from props_ray.dpsgd.grad_sample import PairGradSampleModule
 

@@ -70,3 +70,29 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     assert all(0.0 <= v["win_rate"] <= 1.0 for v in demo["results"].values())
     for line in ("DPO training throughput", "DP-SGD step time", "Relabel throughput", "PPO rollouts", "Generator samples/s", "Demo wall time"):
         assert line in table
+
+
+def test_long_pairs_are_the_same_token_rows_in_both_trainers(tmp_path):
+    """The 160M throughput comparison's fairness: every row is exactly prompt + response tokens in
+    props-ray's tokenization, and TRL's (prompt, then prompt + completion + eos, no special tokens added)
+    gives the same ids, so neither trainer pads, truncates or sees other tokens."""
+    from props_ray.bench.throughput import _as_completions, long_pairs
+    from props_ray.config import JobConfig
+    from props_ray.dpo.tokenize import tokenize_pairs
+    from props_ray.embedded.model import build_tokenizer
+    from props_ray.modeling import load_tokenizer
+    from props_ray.reference import embedded_task
+
+    build_tokenizer(embedded_task(JobConfig(name="t", methods=[{"method": "rr"}]))).save_pretrained(tmp_path)
+    pairs = long_pairs(str(tmp_path), 6, 64, 64)
+    tok = load_tokenizer(str(tmp_path))
+    arr = tokenize_pairs(tok, pairs.prompt, pairs.chosen, pairs.rejected, 64, 64)
+    trl = _as_completions(pairs)
+    for side in ("chosen", "rejected"):
+        assert (arr[f"{side}_attention_mask"].sum(1) == 128).all()
+        assert (arr[f"{side}_loss_mask"].sum(1) == 64).all()
+        for i in range(len(pairs)):
+            prompt = tok(trl.prompt[i], add_special_tokens=False).input_ids
+            full = tok(trl.prompt[i] + trl[side][i] + tok.eos_token, add_special_tokens=False).input_ids
+            assert full[:len(prompt)] == prompt and len(prompt) == 64
+            assert full == arr[f"{side}_input_ids"][i].tolist()

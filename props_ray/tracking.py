@@ -44,13 +44,15 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 #: with their method, epsilon and results as columns. ``props-ray ui`` prints its URL.
 TRIALS_VIEW = "props-ray-trials"
 TRIALS_VIEW_TAG = f"mlflow.sharedViewState.{TRIALS_VIEW}"
+_TRIAL_COLUMNS = ["params.`method_name`", "params.`epsilon`", "params.`seed`", "metrics.`win_rate`",
+                  "metrics.`reward_mean`", "metrics.`label_accuracy`", "metrics.`epsilon_spent`",
+                  "params.`privacy_unit`"]
 TRIALS_VIEW_STATE = {
     "searchFilter": "metrics.win_rate >= 0",
     "orderByKey": "metrics.`reward_mean`",
     "orderByAsc": False,
-    "selectedColumns": ["params.`method_name`", "params.`epsilon`", "params.`seed`", "metrics.`win_rate`",
-                        "metrics.`reward_mean`", "metrics.`label_accuracy`", "metrics.`epsilon_spent`",
-                        "params.`privacy_unit`"],
+    "selectedColumns": _TRIAL_COLUMNS,
+    "columnOrder": _TRIAL_COLUMNS,  # the method and epsilon first, then the results
     "runsHiddenMode": "SHOW_ALL",
 }
 

@@ -83,8 +83,8 @@ def test_ui_opens_on_the_trials_with_their_results(store, tmp_path):
     # The trials are rows, not collapsed under the job run; the job and stage runs are filtered out.
     assert "rr-eps0.5" in dom and "props-mle-eps0.5" in dom, dom[-2000:]
     assert "ui-job" not in dom and "stage-1" not in dom
-    # Their results are columns, and the page is in model-training mode.
-    for column in ("win_rate", "reward_mean", "label_accuracy"):
+    # Their method and results are columns, and the page is in model-training mode.
+    for column in ("method_name", "win_rate", "reward_mean", "label_accuracy"):
         assert column in dom
     assert "Model training" in dom
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

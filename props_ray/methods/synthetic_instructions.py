@@ -29,8 +29,8 @@ from props_ray.errors import UserError
 from props_ray.methods.registry import Method
 from props_ray.methods.trial import Trial
 from props_ray.privacy import accounting
-from props_ray.privacy.histogram import (gaussian_histogram, histogram_mechanism, resample_to_histogram,
-                                         total_variation, vote_counts)
+from props_ray.privacy.histogram import (gaussian_histogram, histogram_alone_epsilon, histogram_mechanism,
+                                         resample_to_histogram, total_variation, vote_counts)
 from props_ray.sections import SyntheticInstructionsSection
 
 
@@ -43,10 +43,7 @@ def synthetic_instructions(trial: Trial) -> dict:
     # -- 1. the generator, DP fine-tuned: it and the histogram compose to the trial's epsilon ------
     released = [histogram_mechanism(m.histogram_sigma)] if m.histogram_sigma else []
     delta = trial.delta()
-    alone = accounting.composed_epsilon(released, delta, dp.accountant) if released else 0.0
-    if alone >= trial.epsilon * (1 - accounting.CALIBRATION_REL_TOL):  # before anything is spent
-        raise UserError(f"methods: {m.display_name}'s histogram_noise ({m.histogram_sigma:g}) alone spends "
-                        f"epsilon {alone:.3g} of {trial.epsilon:g}: raise histogram_noise")
+    histogram_alone_epsilon(m.display_name, m.histogram_sigma, trial.epsilon, delta, dp.accountant)  # the data step checked
     generator = trial.train_generator(1, private, trial.epsilon, released, m.generator_epochs, m.generator_lr)
 
     # -- 2. synthetic prompts; 3. the DP histogram filter; 4. annotation ----------------------------

@@ -29,6 +29,24 @@ def histogram_mechanism(sigma: float) -> tuple[float, float, int]:
     return (sigma / SENSITIVITY, 1.0, 1)
 
 
+def histogram_alone_epsilon(name: str, sigma: float | None, epsilon: float, delta: float,
+                            accountant: str = "prv") -> float:
+    """The epsilon the histogram release spends alone at ``delta`` (0 without a histogram). Raises a
+    :class:`~props_ray.errors.UserError` naming the method's ``histogram_noise`` when that leaves the
+    generator no room within ``epsilon``: the data step calls it for every trial of the job, before
+    anything is spent, and the method again before its own trial."""
+    from props_ray.errors import UserError
+    from props_ray.privacy.accounting import CALIBRATION_REL_TOL, composed_epsilon
+
+    if not sigma:
+        return 0.0
+    alone = composed_epsilon([histogram_mechanism(sigma)], delta, accountant)
+    if alone >= epsilon * (1 - CALIBRATION_REL_TOL):
+        raise UserError(f"methods: {name}'s histogram_noise ({sigma:g}) alone spends epsilon {alone:.3g} of "
+                        f"{epsilon:g} at delta {delta:.3g}: raise histogram_noise")
+    return alone
+
+
 def vote_counts(nearest: np.ndarray, clusters: int) -> np.ndarray:
     """How many private instructions have each centre as their nearest (``nearest``: one index each)."""
     nearest = np.asarray(nearest, dtype=np.int64)

@@ -183,8 +183,8 @@ def format_report(report: dict) -> str:
                          f"TRL {t['trl']['version']}: {t['trl']['pairs_per_s']:.1f}", f"{t['ratio']:.2f}x",
                          verdict("throughput", t["ratio"])])
         else:
-            rows.append([f"DPO training throughput (pairs/s, {t.get('model', 'tiny')})", f"{p['pairs_per_s']:.1f}", "TRL not installed", "-",
-                         "skipped"])
+            rows.append([f"DPO training throughput (pairs/s, {t.get('model', 'tiny')})", f"{p['pairs_per_s']:.1f}",
+                         "TRL not installed", "-", "skipped"])
     if "dp_overhead" in s:
         d = s["dp_overhead"]
         rows.append(["DP-SGD step time (ms)", f"{d['dpsgd_step_ms']:.1f}", f"non-private {d['nonprivate_step_ms']:.1f}",

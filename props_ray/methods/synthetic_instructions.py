@@ -43,7 +43,8 @@ def synthetic_instructions(trial: Trial) -> dict:
     # -- 1. the generator, DP fine-tuned: it and the histogram compose to the trial's epsilon ------
     released = [histogram_mechanism(m.histogram_sigma)] if m.histogram_sigma else []
     delta = trial.delta()
-    histogram_alone_epsilon(m.display_name, m.histogram_sigma, trial.epsilon, delta, dp.accountant)  # the data step checked
+    # the data step refused this job if the histogram alone spends the epsilon; checked again before spending
+    histogram_alone_epsilon(m.display_name, m.histogram_sigma, trial.epsilon, delta, dp.accountant)
     generator = trial.train_generator(1, private, trial.epsilon, released, m.generator_epochs, m.generator_lr)
 
     # -- 2. synthetic prompts; 3. the DP histogram filter; 4. annotation ----------------------------

@@ -6,6 +6,7 @@ failure. Elsewhere the test is skipped without it."""
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_ui_opens_on_the_trials_with_their_results(store, tmp_path):
     port = _free_port()
     ui = subprocess.Popen([sys.executable, "-m", "props_ray.cli", "ui", "--tracking-uri", store,
                            "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=tmp_path)
+                          cwd=tmp_path, start_new_session=True)  # its own group: the server it starts goes too
     try:
         url = None
         for line in ui.stdout:  # props-ray ui prints each experiment's URL before the server starts
@@ -78,7 +79,7 @@ def test_ui_opens_on_the_trials_with_their_results(store, tmp_path):
         shot = tmp_path / "ui.png"
         _chromium(f"--screenshot={shot}", url)
     finally:
-        ui.terminate()
+        os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
     # The trials are rows, not collapsed under the job run; the job and stage runs are filtered out.
     assert "rr-eps0.5" in dom and "props-mle-eps0.5" in dom, dom[-2000:]

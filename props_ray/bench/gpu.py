@@ -108,7 +108,8 @@ def measure(model: str = "pythia-1b-arch", batch: int = 8, length: int = 512, st
 
 
 def profile(path: str, model: str = "pythia-1b-arch", batch: int = 8, length: int = 512,
-            modes: tuple[str, ...] = ("nonprivate", "dpsgd"), dtype: str = "bfloat16") -> None:
+            modes: tuple[str, ...] = ("nonprivate", "dpsgd"), dtype: str = "bfloat16",
+            weights: str = "float32") -> None:
     """Where a step's time goes: ``torch.profiler`` over 3 steps (after 2 warm-up steps) per mode, the
     operators sorted by device time, written to ``path`` (one table per mode, each as soon as it is done)."""
     import torch
@@ -122,12 +123,13 @@ def profile(path: str, model: str = "pythia-1b-arch", batch: int = 8, length: in
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     with open(path, "w") as f:
         for mode in modes:
-            step = dp_overhead.make_step(model, mode, batch, length, device, dtype)[0]
+            step = dp_overhead.make_step(model, mode, batch, length, device, dtype, weights)[0]
             for _ in range(2):
                 step()
             with torch_profile(activities=activities) as prof:
                 times = [step()[0] for _ in range(3)]
-            f.write(f"== {model} {mode}: {batch} pairs x 2 rows x {length} tokens, {dtype} autocast; "
+            f.write(f"== {model} {mode}: {batch} pairs x 2 rows x {length} tokens, {dtype} autocast, {weights} "
+                    "base weights; "
                     f"steps {', '.join(f'{t * 1e3:.1f}' for t in times)} ms\n")
             f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
             f.flush()
@@ -170,7 +172,7 @@ def main(argv=None) -> None:
                     help="instead of timing, write torch.profiler's operator table of each mode's step to PATH")
     args = ap.parse_args(argv)
     if args.profile:
-        profile(args.profile, args.model, args.batch, args.length, dtype=args.dtype)
+        profile(args.profile, args.model, args.batch, args.length, dtype=args.dtype, weights=args.weights)
         return
     g = measure(args.model, args.batch, args.length, args.steps, args.warmup, args.dtype, args.peak_tflops,
                 weights=args.weights)

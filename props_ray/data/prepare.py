@@ -96,16 +96,15 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     pairs, eval_prompts = hold_out(pairs, cfg.data.eval_prompts, ledger.partition_key, cfg.seed, canary_prompts)
     partitions = split_partitions(pairs, cfg.stages, ledger.partition_key, cfg.seed, cfg.data.stage_proportions)
     n = sum(len(p) for p in partitions)
+    from props_ray.privacy.accounting import resolve_delta
+    from props_ray.privacy.histogram import histogram_alone_epsilon
+
     if any(m.method == "dpsgd" for m in cfg.methods):
-        from props_ray.privacy.accounting import resolve_delta
-
         resolve_delta(cfg.privacy.dpsgd.delta, n)  # delta >= 1/N is refused here, before anything is spent
-    for m, eps in cfg.trials():  # a histogram that alone spends a trial's epsilon: refused before any trial runs
-        if m.method == "synthetic_instructions" and eps is not None:
-            from props_ray.privacy.accounting import resolve_delta
-            from props_ray.privacy.histogram import histogram_alone_epsilon
-
-            histogram_alone_epsilon(m.display_name, m.histogram_sigma, eps, resolve_delta(cfg.privacy.dpsgd.delta, n),
-                                    cfg.privacy.dpsgd.accountant)
+    synthetic = [(m, eps) for m, eps in cfg.trials() if m.method == "synthetic_instructions" and eps is not None]
+    if synthetic:  # a histogram that alone spends a trial's epsilon: refused before any trial runs
+        delta = resolve_delta(cfg.privacy.dpsgd.delta, n)
+        for m, eps in synthetic:
+            histogram_alone_epsilon(m.display_name, m.histogram_sigma, eps, delta, cfg.privacy.dpsgd.accountant)
     action = ledger.plan(label_epsilon_max(cfg), cfg.privacy.accept_new_draw)
     return PreparedData(dataset, partitions, eval_prompts, skipped, source, ledger, action)

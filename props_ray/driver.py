@@ -25,8 +25,9 @@ from typing import Callable
 import pandas as pd
 
 from props_ray import progress
-from props_ray.config import JobConfig, parse_method
+from props_ray.config import JobConfig, parse_method, trial_identity
 from props_ray.data.ledger import LedgerError
+from props_ray.errors import UserError
 from props_ray.data.prepare import PreparedData, label_epsilon_max, prepare_data
 from props_ray.methods import method as registered
 from props_ray.methods.trial import Trial, generate, trial_name
@@ -44,6 +45,25 @@ class Variant:
     base_path: str = ""
     judge: object = None
     reference_scores: object = None
+
+    def identity(self, method: MethodSection, epsilon: float | None) -> dict:
+        return trial_identity(self.cfg, method, epsilon, self.data.ledger.fingerprint)
+
+    def check_identity(self, method: MethodSection, epsilon: float | None, job_dir) -> None:
+        """Refuse a job whose trial directory holds another configuration's trial (another seed, K,
+        dataset or setting): resuming it would report that trial's results as this one's."""
+        name = trial_name(method, epsilon) + self.suffix
+        path = job_dir / "trials" / name / "state.json"
+        stored = json.loads(path.read_text()).get("identity") if path.exists() else None
+        want = self.identity(method, epsilon)
+        if stored is None or stored == want:
+            return
+        differ = [k for k in want if stored.get(k) != want[k]]
+        shown = ", ".join(f"{k} {stored.get(k)} (now {want[k]})" if k in ("seed", "stages", "epsilon") else k
+                          for k in differ)
+        raise UserError(f"trial {name} in {path.parent} was run with another configuration ({shown}): its "
+                        f"results are not this job's. Give the job another name or output_dir, or remove "
+                        f"{path.parent} to run it again")
 
     def trial(self, method: MethodSection, epsilon: float | None, job_dir, say, timings, in_task=False) -> Trial:
         name = trial_name(method, epsilon) + self.suffix
@@ -132,9 +152,14 @@ class Job:
         for variant in cfg.variants():
             data = prepare_data(variant)
             data.ledger.save()  # a later variant on the same data must see the same keys
-            suffix = "" if not cfg.is_sweep else ((f"-seed{variant.seed}" if len(seeds) > 1 else "")
-                                                  + (f"-K{variant.stages}" if len(ks) > 1 else ""))
-            out.append(Variant(variant, data, suffix))
+            # a seed or K other than the job's own is in the trials' names, so one seed at a time
+            # (sweep.seeds: [1]) never lands in the directories of the job's seed
+            suffix = ((f"-seed{variant.seed}" if len(seeds) > 1 or variant.seed != cfg.seed else "")
+                      + (f"-K{variant.stages}" if len(ks) > 1 or variant.stages != cfg.stages else ""))
+            v = Variant(variant, data, suffix)
+            for method, eps in variant.trials():
+                v.check_identity(method, eps, self.job_dir)
+            out.append(v)
         return out
 
     def _run_variant(self, v: Variant) -> list[TrialResult]:
@@ -184,6 +209,9 @@ class Job:
         """The trial (its state read back) and its MLflow run (driver side); its stored result if complete."""
         trial = v.trial(method, epsilon, self.job_dir, self.say, self.timings)
         state = trial.state
+        if "identity" not in state:  # checked against the job's in the data step (Variant.check_identity)
+            state["identity"] = v.identity(method, epsilon)
+            trial.save()
         if method.labels == "randomized_response":  # a trial trains on one draw of the ledger, start to end
             ledger = v.data.ledger
             used = state.get("ledger_draw")

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from props_ray.config import ConfigError, validate_job
-from props_ray.privacy.audit import clopper_pearson_lower, epsilon_lower_bound
+from props_ray.privacy.audit import abstaining_epsilon_lower_bound, clopper_pearson_lower, epsilon_lower_bound
 
 
 def test_clopper_pearson_is_scipy_exact_interval():
@@ -37,6 +37,55 @@ def test_a_leakier_mechanism_than_claimed_is_caught():
     caught = [epsilon_lower_bound(int(k), 500) > claimed for k in rng.binomial(500, 0.8, size=200)]
     assert np.mean(caught) > 0.99
     assert epsilon_lower_bound(250, 500) == 0.0 and epsilon_lower_bound(500, 500, delta=1e-5) > 4
+
+
+def _leaky(rng, m, epsilon, leaky_share):
+    """A mechanism that is epsilon-RR on a share of the canaries and a fair coin on the rest, and an
+    attacker who knows which: its confidence is high exactly on the leaky ones (plus noise)."""
+    leaky = rng.random(m) < leaky_share
+    p = math.exp(epsilon) / (1 + math.exp(epsilon)) if math.isfinite(epsilon) else 1.0
+    right = np.where(leaky, rng.random(m) < p, rng.random(m) < 0.5)
+    return leaky + 0.1 * rng.random(m), right
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 2.0])
+def test_abstaining_keeps_the_level_when_the_attacker_knows_where_to_look(epsilon):
+    # every canary is at most epsilon-DP, so the best-budget bound may exceed epsilon at most alpha of the
+    # time, even with four budgets looked at and the confident guesses all on the leakiest canaries
+    rng = np.random.default_rng(2)
+    over = [abstaining_epsilon_lower_bound(*_leaky(rng, 400, epsilon, 0.3), seed=i)["epsilon"] > epsilon
+            for i in range(300)]
+    assert np.mean(over) <= 0.05 + 0.03
+
+
+def test_abstaining_keeps_the_level_with_no_leak_at_all():
+    # pure coins with noise for confidence: taking the best of the declared budgets needs the alpha split;
+    # without it, the four looks together exceed alpha
+    rng = np.random.default_rng(3)
+    split, unsplit = [], []
+    for i in range(600):
+        conf, right = rng.random(200), rng.random(200) < 0.5
+        split.append(abstaining_epsilon_lower_bound(conf, right, seed=i)["epsilon"] > 0)
+        unsplit.append(max(epsilon_lower_bound(int(right[np.argsort(-conf)[:r]].sum()), r) for r in (200, 100, 50, 25)) > 0)
+    assert np.mean(split) <= 0.05 + 0.02
+    assert np.mean(unsplit) > np.mean(split)
+
+
+def test_abstaining_catches_a_leak_that_all_guesses_dilute():
+    # a quarter of the canaries leak their label outright, the rest are coins: guessing all 200 shows
+    # about 62% accuracy, too little against a claim of 1; guessing the confident quarter proves more
+    rng = np.random.default_rng(4)
+    caught, diluted = [], []
+    for i in range(100):
+        conf, right = _leaky(rng, 200, math.inf, 0.25)
+        caught.append(abstaining_epsilon_lower_bound(conf, right, seed=i)["epsilon"] > 1.0)
+        diluted.append(epsilon_lower_bound(int(right.sum()), 200) > 1.0)
+    assert np.mean(caught) > 0.95 and np.mean(diluted) < 0.05
+    best = abstaining_epsilon_lower_bound(np.r_[np.ones(50), np.zeros(150)], np.r_[np.ones(50), np.zeros(150)] > 0)
+    assert best["guesses"] == 50 and best["correct"] == 50
+    assert best["epsilon"] == pytest.approx(epsilon_lower_bound(50, 50, alpha=0.05 / 4))
+    with pytest.raises(ValueError, match="finite confidences"):
+        abstaining_epsilon_lower_bound([np.nan, 1.0], [True, False])
 
 
 def test_audit_needs_the_embedded_task():

@@ -135,6 +135,25 @@ def test_rerun_resumes_without_redrawing_or_duplicating(demo_run, ray_local):
     assert [r.win.win_rate for r in again] == [r.win.win_rate for r in results]
 
 
+def test_another_seed_never_resumes_this_seeds_trials(demo_run):
+    # the job's directory holds seed 0's finished trials: a run of seed 1 (one seed of a sweep, or the
+    # job's own seed changed) must not report them as its own
+    from props_ray.errors import UserError
+
+    cfg, _ = demo_run
+    raw = json.loads(json.dumps(cfg.model_dump(mode="json")))
+    one_seed = validate_job({**raw, "sweep": {"seeds": [1]}})
+    variants = Job(one_seed).preflight()  # the data step only: no Ray, no training
+    assert [v.suffix for v in variants] == ["-seed1"]
+    assert not (cfg.job_dir / "trials" / "rr-eps0.5-seed1").exists()
+    with pytest.raises(UserError, match=r"trial nonprivate in .* another configuration \(seed 0 \(now 1\)"):
+        Job(validate_job({**raw, "seed": 1})).preflight()
+    with pytest.raises(UserError, match=r"trial nonprivate .*another configuration \(train\)"):
+        Job(validate_job({**raw, "train": {**raw["train"], "lr": raw["train"]["lr"] * 2}})).preflight()
+    # how it runs is not what it computes: more failures allowed still resumes
+    Job(validate_job({**raw, "train": {**raw["train"], "max_failures": 5}})).preflight()
+
+
 def test_report_ranks_by_reward_gain_and_head_to_head(demo_run):
     from props_ray.report import format_summary, summarize, trials_from_mlflow
 

@@ -240,9 +240,10 @@ class Trial:
         """The canary audit of the released model: it guesses each canary's secret label from its implicit
         reward margin (Ray Data batch inference, as a relabel), and the Clopper--Pearson bound on the
         guesses' accuracy gives a lower bound on epsilon (with the trial's delta for (epsilon, delta)
-        methods). Only the count of right guesses leaves this step."""
+        methods), guessing all canaries or only the most confident (:func:`abstaining_epsilon_lower_bound`).
+        Only counts of right guesses leave this step."""
         from props_ray.data.tokenize_step import to_training_dataset
-        from props_ray.privacy.audit import epsilon_lower_bound
+        from props_ray.privacy.audit import abstaining_epsilon_lower_bound
         from props_ray.relabel import score_partition
 
         canaries = self.data.canaries()
@@ -255,12 +256,15 @@ class Trial:
         if np.isnan(margin).any():
             raise RuntimeError(f"the audit scored {int((~np.isnan(margin)).sum())} of {len(margin)} canaries")
         rng = np.random.default_rng([self.cfg.seed, 0xA0D17])
-        guess = np.where(margin == 0, rng.random(len(margin)) < 0.5, margin > 0)  # a tie is a coin
-        correct = int(guess.sum())  # "chosen" holds the coin's pick, so guessing "chosen" is right
+        right = np.where(margin == 0, rng.random(len(margin)) < 0.5, margin > 0)  # a tie is a coin
+        # "chosen" holds the coin's pick, so guessing "chosen" is right; the most confident guesses are
+        # those with the largest |margin|, and the auditor may abstain on the rest
         delta = 0.0 if self.method.privacy_unit in ("label", "none") else self.delta()
-        return {"audit_canaries": len(canaries), "audit_correct": correct,
-                "audit_accuracy": correct / max(len(canaries), 1),
-                "audit_epsilon_lower_bound": epsilon_lower_bound(correct, len(canaries), delta, self.cfg.audit.alpha)}
+        best = abstaining_epsilon_lower_bound(np.abs(margin), right, delta, self.cfg.audit.alpha, seed=self.cfg.seed)
+        return {"audit_canaries": len(canaries), "audit_correct": int(right.sum()),
+                "audit_accuracy": float(right.mean()), "audit_guesses": best["guesses"],
+                "audit_guess_accuracy": best["correct"] / best["guesses"],
+                "audit_epsilon_lower_bound": best["epsilon"]}
 
     def delta(self) -> float:
         """The job's DP-SGD delta for this data (default N^-1.1), as every (epsilon, delta) stage uses it."""

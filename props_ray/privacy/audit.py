@@ -14,6 +14,10 @@ All m canaries are audited in one training run; Steinke, Nasr and Jagielski (Pri
 (1) training run, NeurIPS 2023) show that under eps-DP the number of right guesses is then
 stochastically dominated by Binomial(m, e^eps / (1 + e^eps)), so the binomial bound stays valid (for
 (eps, delta) their bound adds a term in delta, which the form above approximates for small delta).
+Their analysis also lets the auditor abstain: it guesses only the r canaries the model is most
+confident about, and the r guesses' right count is still dominated by Binomial(r, e^eps / (1 + e^eps))
+as long as r is fixed before looking. :func:`abstaining_epsilon_lower_bound` declares a few r in
+advance and splits alpha among them (Bonferroni), so taking the best of them keeps the 1 - alpha level.
 The bound is a *lower* bound on the epsilon the trained model exhibits: a bound above the claimed
 epsilon is a bug in the mechanism, not noise to explain away (at the 1 - alpha level).
 """
@@ -22,8 +26,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 #: One-sided confidence of the accuracy bound.
 ALPHA = 0.05
+
+#: The guess budgets declared before any score is seen: all m canaries, then the m/2, m/4 and m/8 the
+#: model is most confident about.
+GUESS_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 
 
 def clopper_pearson_lower(correct: int, total: int, alpha: float = ALPHA) -> float:
@@ -42,3 +52,32 @@ def epsilon_lower_bound(correct: int, total: int, delta: float = 0.0, alpha: flo
     if p <= 0.5 + delta / 2 or p - delta <= 0:
         return 0.0
     return max(0.0, math.log((p - delta) / (1.0 - p)))
+
+
+def abstaining_epsilon_lower_bound(confidence, correct, delta: float = 0.0, alpha: float = ALPHA,
+                                   fractions=GUESS_FRACTIONS, seed: int = 0) -> dict:
+    """The audit with abstention: for each declared budget r = ceil(f m), guess only the r canaries with the
+    highest ``confidence`` (e.g. the absolute reward margin; ties broken by a seeded coin) and bound epsilon
+    from how many of those are ``correct``, at level alpha / len(fractions) each; the largest bound holds at
+    1 - alpha overall.
+
+    Returns {epsilon, guesses, correct}: the best bound and the budget that gave it (all m guesses when
+    no budget proves anything).
+    """
+    confidence = np.asarray(confidence, dtype=float)
+    correct = np.asarray(correct, dtype=bool)
+    m = len(correct)
+    if m == 0 or confidence.shape != correct.shape or not np.isfinite(confidence).all():
+        raise ValueError(f"need as many finite confidences as guesses, got {confidence.shape} and {correct.shape}")
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"guess fractions must lie in (0, 1], got {fractions}")
+    tie = np.random.default_rng([seed, 0xAB57]).random(m)
+    order = np.lexsort((tie, -confidence))  # most confident first
+    best = {"epsilon": 0.0, "guesses": m, "correct": int(correct.sum())}
+    for f in fractions:
+        r = max(1, math.ceil(f * m))
+        k = int(correct[order[:r]].sum())
+        eps = epsilon_lower_bound(k, r, delta, alpha / len(fractions))
+        if eps > best["epsilon"]:
+            best = {"epsilon": eps, "guesses": r, "correct": k}
+    return best

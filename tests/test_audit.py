@@ -69,6 +69,11 @@ def test_abstaining_keeps_the_level_with_no_leak_at_all():
         unsplit.append(max(epsilon_lower_bound(int(right[np.argsort(-conf)[:r]].sum()), r) for r in (200, 100, 50, 25)) > 0)
     assert np.mean(split) <= 0.05 + 0.02
     assert np.mean(unsplit) > np.mean(split)
+    # and with each of 4 stages' partitions a guess set too: 20 looks share alpha
+    stage = np.repeat([1, 2, 3, 4], 50)
+    grouped = [abstaining_epsilon_lower_bound(rng.random(200), rng.random(200) < 0.5, groups=stage, seed=i)["epsilon"] > 0
+               for i in range(600)]
+    assert np.mean(grouped) <= 0.05 + 0.02
 
 
 def test_abstaining_catches_a_leak_that_all_guesses_dilute():
@@ -86,6 +91,26 @@ def test_abstaining_catches_a_leak_that_all_guesses_dilute():
     assert best["epsilon"] == pytest.approx(epsilon_lower_bound(50, 50, alpha=0.05 / 4))
     with pytest.raises(ValueError, match="finite confidences"):
         abstaining_epsilon_lower_bound([np.nan, 1.0], [True, False])
+
+
+def test_a_stage_partition_is_a_declared_guess_set():
+    # the final model of a staged method remembers its last partition and forgets the first: its
+    # canaries are where the attack looks, and looking there must still keep the level
+    rng = np.random.default_rng(5)
+    stage = np.repeat([1, 2, 3], 100)
+    over, caught = [], []
+    for i in range(300):  # every canary at most 1-DP, the attacker's confidence highest on the leakiest
+        conf, right = _leaky(rng, 300, 1.0, 0.4)
+        over.append(abstaining_epsilon_lower_bound(conf, right, groups=stage, seed=i)["epsilon"] > 1.0)
+    assert np.mean(over) <= 0.05 + 0.03
+    for i in range(50):  # stage 3's labels leak outright (noise-free confidence), stages 1 and 2 are coins
+        right = np.r_[rng.random(200) < 0.5, np.ones(100, bool)]
+        conf = rng.random(300)
+        best = abstaining_epsilon_lower_bound(conf, right, groups=stage, seed=i)
+        caught.append(best["epsilon"] > 2.0 and best["group"] == 3)
+    assert np.mean(caught) > 0.95
+    with pytest.raises(ValueError, match="a group per guess"):
+        abstaining_epsilon_lower_bound([1.0, 2.0], [True, False], groups=[1])
 
 
 def test_audit_needs_the_embedded_task():

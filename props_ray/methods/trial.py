@@ -240,7 +240,8 @@ class Trial:
         """The canary audit of the released model: it guesses each canary's secret label from its implicit
         reward margin (Ray Data batch inference, as a relabel), and the Clopper--Pearson bound on the
         guesses' accuracy gives a lower bound on epsilon (with the trial's delta for (epsilon, delta)
-        methods), guessing all canaries or only the most confident (:func:`abstaining_epsilon_lower_bound`).
+        methods), guessing all canaries or only the most confident, over all stages or in one stage's partition
+        (:func:`abstaining_epsilon_lower_bound`).
         Only counts of right guesses leave this step."""
         from props_ray.data.tokenize_step import to_training_dataset
         from props_ray.privacy.audit import abstaining_epsilon_lower_bound
@@ -260,10 +261,13 @@ class Trial:
         # "chosen" holds the coin's pick, so guessing "chosen" is right; the most confident guesses are
         # those with the largest |margin|, and the auditor may abstain on the rest
         delta = 0.0 if self.method.privacy_unit in ("label", "none") else self.delta()
-        best = abstaining_epsilon_lower_bound(np.abs(margin), right, delta, self.cfg.audit.alpha, seed=self.cfg.seed)
+        stage = {i: k for k, part in enumerate(self.data.partitions, start=1) for i in part["id"]}
+        best = abstaining_epsilon_lower_bound(np.abs(margin), right, delta, self.cfg.audit.alpha,
+                                              groups=canaries["id"].map(stage).to_numpy(), seed=self.cfg.seed)
         return {"audit_canaries": len(canaries), "audit_correct": int(right.sum()),
                 "audit_accuracy": float(right.mean()), "audit_guesses": best["guesses"],
                 "audit_guess_accuracy": best["correct"] / best["guesses"],
+                "audit_guess_stage": int(best["group"] or 0),  # 0: the guesses spanned every stage's canaries
                 "audit_epsilon_lower_bound": best["epsilon"]}
 
     def delta(self) -> float:

@@ -16,8 +16,10 @@ stochastically dominated by Binomial(m, e^eps / (1 + e^eps)), so the binomial bo
 (eps, delta) their bound adds a term in delta, which the form above approximates for small delta).
 Their analysis also lets the auditor abstain: it guesses only the r canaries the model is most
 confident about, and the r guesses' right count is still dominated by Binomial(r, e^eps / (1 + e^eps))
-as long as r is fixed before looking. :func:`abstaining_epsilon_lower_bound` declares a few r in
-advance and splits alpha among them (Bonferroni), so taking the best of them keeps the 1 - alpha level.
+as long as r is fixed before looking, and so is any subset chosen without the secrets (the canaries
+of one stage's partition: a staged method's final model remembers its last partition best).
+:func:`abstaining_epsilon_lower_bound` declares its guess sets in advance and splits alpha among them
+(Bonferroni), so taking the best of them keeps the 1 - alpha level.
 The bound is a *lower* bound on the epsilon the trained model exhibits: a bound above the claimed
 epsilon is a bug in the mechanism, not noise to explain away (at the 1 - alpha level).
 """
@@ -55,14 +57,16 @@ def epsilon_lower_bound(correct: int, total: int, delta: float = 0.0, alpha: flo
 
 
 def abstaining_epsilon_lower_bound(confidence, correct, delta: float = 0.0, alpha: float = ALPHA,
-                                   fractions=GUESS_FRACTIONS, seed: int = 0) -> dict:
+                                   fractions=GUESS_FRACTIONS, groups=None, seed: int = 0) -> dict:
     """The audit with abstention: for each declared budget r = ceil(f m), guess only the r canaries with the
     highest ``confidence`` (e.g. the absolute reward margin; ties broken by a seeded coin) and bound epsilon
-    from how many of those are ``correct``, at level alpha / len(fractions) each; the largest bound holds at
-    1 - alpha overall.
+    from how many of those are ``correct``. With ``groups`` (a label per canary that does not depend on the
+    secret labels, such as the stage partition it was trained in), the budgets are declared within every
+    group as well as over all canaries. Each of these guess sets is bounded at level alpha / (their number),
+    so the largest bound holds at 1 - alpha overall.
 
-    Returns {epsilon, guesses, correct}: the best bound and the budget that gave it (all m guesses when
-    no budget proves anything).
+    Returns {epsilon, guesses, correct, group}: the best bound, the budget and group that gave it (group
+    None: all canaries; all m guesses when nothing proves anything).
     """
     confidence = np.asarray(confidence, dtype=float)
     correct = np.asarray(correct, dtype=bool)
@@ -71,13 +75,23 @@ def abstaining_epsilon_lower_bound(confidence, correct, delta: float = 0.0, alph
         raise ValueError(f"need as many finite confidences as guesses, got {confidence.shape} and {correct.shape}")
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ValueError(f"guess fractions must lie in (0, 1], got {fractions}")
+    sets: list[tuple[object, np.ndarray]] = [(None, np.arange(m))]
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != correct.shape:
+            raise ValueError(f"need a group per guess, got {groups.shape} for {correct.shape}")
+        labels = sorted(set(groups.tolist()))
+        if len(labels) > 1:
+            sets += [(g, np.flatnonzero(groups == g)) for g in labels]
+    level = alpha / (len(sets) * len(fractions))
     tie = np.random.default_rng([seed, 0xAB57]).random(m)
-    order = np.lexsort((tie, -confidence))  # most confident first
-    best = {"epsilon": 0.0, "guesses": m, "correct": int(correct.sum())}
-    for f in fractions:
-        r = max(1, math.ceil(f * m))
-        k = int(correct[order[:r]].sum())
-        eps = epsilon_lower_bound(k, r, delta, alpha / len(fractions))
-        if eps > best["epsilon"]:
-            best = {"epsilon": eps, "guesses": r, "correct": k}
+    best = {"epsilon": 0.0, "guesses": m, "correct": int(correct.sum()), "group": None}
+    for group, members in sets:
+        order = members[np.lexsort((tie[members], -confidence[members]))]  # most confident first
+        for f in fractions:
+            r = max(1, math.ceil(f * len(members)))
+            k = int(correct[order[:r]].sum())
+            eps = epsilon_lower_bound(k, r, delta, level)
+            if eps > best["epsilon"]:
+                best = {"epsilon": eps, "guesses": r, "correct": k, "group": group}
     return best

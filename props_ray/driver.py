@@ -25,14 +25,15 @@ from typing import Callable
 import pandas as pd
 
 from props_ray import progress
-from props_ray.config import JobConfig, parse_method, trial_identity
+from props_ray.config import JobConfig, parse_method
 from props_ray.data.ledger import LedgerError
-from props_ray.errors import UserError
 from props_ray.data.prepare import PreparedData, label_epsilon_max, prepare_data
+from props_ray.errors import UserError
 from props_ray.methods import method as registered
 from props_ray.methods.trial import Trial, generate, trial_name
 from props_ray.results import TrialResult
 from props_ray.sections import MethodSection
+from props_ray.trial_identity import trial_identity
 
 
 @dataclass

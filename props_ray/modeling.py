@@ -110,6 +110,14 @@ class Reference:
         with adapters_off(self.policy):
             return pair_logprobs(self.policy, batch)
 
+    @torch.no_grad()
+    def logits(self, input_ids, attention_mask) -> torch.Tensor:
+        """The reference's next-token logits for a batch of sequences (PPO's KL penalty)."""
+        if self.frozen is not None:
+            return self.frozen(input_ids=input_ids, attention_mask=attention_mask).logits
+        with adapters_off(self.policy):
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
+
 
 @contextlib.contextmanager
 def adapters_off(policy):

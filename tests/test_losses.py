@@ -94,3 +94,32 @@ def test_lora_weights_change_and_loss_falls(tmp_path):
         [n for n in before if "lora_" in n]
     pc, _ = pair_logprobs(policy, batch)
     assert (pc - rc).abs().max() > 1e-3  # the adapters are back on
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_reference_logits_are_the_base_model_after_the_policy_moves(tmp_path, lora):
+    """PPO's KL reference: with LoRA the adapters switched off, with full fine-tuning a frozen copy of the
+    base; either way the base model's logits, however far the policy has moved."""
+    from props_ray.config import ModelConfig
+    from props_ray.embedded.model import build_tiny_model, build_tokenizer
+    from props_ray.embedded.task import EmbeddedTask
+    from props_ray.modeling import Reference, build_policy
+
+    tok = build_tokenizer(EmbeddedTask())
+    build_tiny_model(len(tok), 32, 1, 2).save_pretrained(tmp_path)
+    cfg = ModelConfig(lora={"enabled": lora})
+    policy = build_policy(str(tmp_path), cfg)
+    reference = Reference.for_policy(policy, cfg, str(tmp_path))
+    ids = torch.randint(0, len(tok), (3, 7), generator=torch.Generator().manual_seed(0))
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+        moved = policy(input_ids=ids, attention_mask=att).logits
+    base = build_policy(str(tmp_path), ModelConfig(lora={"enabled": False}), trainable=False).eval()
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=att).logits
+    torch.testing.assert_close(reference.logits(ids, att), want)
+    assert not torch.allclose(moved, want)
+    assert policy.training

@@ -1,12 +1,12 @@
 """The PPO loop that runs on every Ray Train worker (DP-PPO with the DP-SGD engine, or DDP).
 
-Read it top to bottom: build the policy-with-value model (one LoRA body, a value head), its frozen
-reference (the adapters disabled) and the reward model; let the engine wrap them; then for each
-logical step take a batch of this worker's prompts (Poisson-sampled by the DP engine), roll out
-on-policy, score the rollouts with the reward model, turn them into per-token KL-penalised rewards
-and per-row advantages, and take ONE PPO epoch over them (T_PPO = 1: each sampled batch is used
-once, so the subsampled-Gaussian analysis applies). Every quantity is per row (per prompt), so DP-SGD
-with ``unit="row"`` clips each prompt's combined policy and value gradient once.
+Read it top to bottom: build the policy-with-value model (one body, LoRA or full, a value head), its
+frozen reference (the adapters disabled, or the base model) and the reward model; let the engine wrap
+them; then for each logical step take a batch of this worker's prompts (Poisson-sampled by the DP
+engine), roll out on-policy, score the rollouts with the reward model, turn them into per-token
+KL-penalised rewards and per-row advantages, and take ONE PPO epoch over them (T_PPO = 1: each sampled
+batch is used once, so the subsampled-Gaussian analysis applies). Every quantity is per row (per
+prompt), so DP-SGD with ``unit="row"`` clips each prompt's combined policy and value gradient once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 from props_ray import progress
 from props_ray.config import JobConfig
-from props_ray.modeling import adapters_off
 from props_ray.ppo.advantages import gae, kl_penalized_rewards, ppo_loss
 from props_ray.ppo.model import PolicyWithValue, token_logprobs
 from props_ray.ppo.rollout import sample_responses
@@ -36,12 +35,6 @@ def _unwrap(model):
 
 
 @torch.no_grad()
-def _reference_logprobs(lm, ids, att):
-    with adapters_off(lm):
-        return token_logprobs(lm(input_ids=ids, attention_mask=att).logits, ids)
-
-
-@torch.no_grad()
 def _scores(reward_model, ids, att):
     return reward_model(input_ids=ids, attention_mask=att).logits[:, 0].float()
 
@@ -50,7 +43,7 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from props_ray.modeling import build_policy, load_tokenizer, save_policy
+    from props_ray.modeling import Reference, build_policy, load_tokenizer, save_policy
     from props_ray.reward_model import build_reward_model
 
     # -- set-up ---------------------------------------------------------------
@@ -64,7 +57,7 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
     base = loop_config["base_path"]
     tok = load_tokenizer(cfg.model.tokenizer or base)
 
-    # -- policy with value, reference (adapters off), reward model ----------------
+    # -- policy with value, reference (adapters off, or the frozen base), reward model
     resume = ray.train.get_checkpoint()
     state: dict = {}
     adapter = None
@@ -77,6 +70,7 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
     else:
         lm = build_policy(base, cfg.model, device=device)
     model = PolicyWithValue(lm, lm.config.hidden_size).to(device)
+    reference = Reference.for_policy(lm, cfg.model, base, device)
     if state:
         model.value_head.load_state_dict(value_head)
     reward_model = build_reward_model(base, cfg.model, adapter_path=loop_config["reward_model"], device=device,
@@ -116,7 +110,7 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
                 with torch.no_grad():
                     old_logits, old_values = _unwrap(wrapped)(ids, att)
                     old_logp = token_logprobs(old_logits, ids)
-                    ref_logp = _reference_logprobs(lm, ids, att)
+                    ref_logp = token_logprobs(reference.logits(ids, att), ids)
                     score = _scores(reward_model, ids, att)
                     rewards = kl_penalized_rewards(old_logp, ref_logp, act, score, ppo["beta"])
                     advantages, returns = gae(rewards, old_values, act, ppo["gamma"], ppo["lam"])

@@ -4,7 +4,9 @@
   baseline (ε = ∞) as a dashed horizontal line;
 - ``label_accuracy_vs_epsilon.png``: accuracy of the labels each method trained on, with the
   randomized-response reference 1 − γ_ε = 1 − 1/(1 + e^ε);
-- ``props_stage_label_accuracy.png``: PROPS label accuracy per stage, one line per (rule, ε).
+- ``props_stage_label_accuracy.png``: PROPS label accuracy per stage, one line per (rule, ε);
+- ``audit_epsilon_vs_claim.png`` (audited jobs): the canary audit's lower bound on ε against the
+  claimed ε, with the line bound = claim above which a mechanism is broken.
 
 Rendering uses the non-interactive Agg backend, so it works on headless machines.
 """
@@ -26,6 +28,7 @@ from props_ray.tables import format_epsilon, method_sort_key  # noqa: E402
 
 FILES = ("win_rate_vs_epsilon.png", "label_accuracy_vs_epsilon.png", "props_stage_label_accuracy.png")
 REWARD_FILE = "reward_vs_epsilon.png"
+AUDIT_FILE = "audit_epsilon_vs_claim.png"
 DPI = 120
 
 
@@ -216,9 +219,27 @@ def plot_props_stage_accuracy(trials: pd.DataFrame, path) -> Path:
     return _save(fig, path)
 
 
+def plot_audit_vs_claim(summary: pd.DataFrame, path) -> Path:
+    """The audit's lower bound on ε against the claimed ε, one line per method (the non-private bound as
+    a dashed line), and the claim itself as the diagonal: a point above it is a broken mechanism."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    mean, ci = "audit_epsilon_lower_bound_mean", "audit_epsilon_lower_bound_ci"
+    _draw_vs_epsilon(ax, summary, mean, ci, proportion=False)
+    _epsilon_axis(ax, summary)
+    lo, hi = ax.get_xlim()
+    grid = np.geomspace(lo, hi, 100)
+    ax.plot(grid, grid, linestyle=":", color="black", label="claimed ε (above it: a broken mechanism)")
+    top = max(float(np.nanmax(summary[mean].astype(float))), hi)
+    ax.set_ylim(0, top * 1.05)
+    ax.set_ylabel("audit: lower bound on ε (95%)")
+    ax.set_title("Empirical privacy audit: proved lower bound vs. claimed ε")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    return _save(fig, path)
+
+
 def make_plots(trials: pd.DataFrame, summary: pd.DataFrame, out_dir) -> list[Path]:
     """Write the plots into ``out_dir``; the PROPS stage plot only when there are PROPS trials, the reward
-    plot only when trials logged rewards."""
+    plot only when trials logged rewards, the audit plot only when they were audited."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_win_rate_vs_epsilon(summary, out / FILES[0]),
@@ -227,4 +248,6 @@ def make_plots(trials: pd.DataFrame, summary: pd.DataFrame, out_dir) -> list[Pat
         paths.append(plot_props_stage_accuracy(trials, out / FILES[2]))
     if "reward_mean_mean" in summary and summary["reward_mean_mean"].notna().any():
         paths.append(plot_reward_vs_epsilon(summary, out / REWARD_FILE))
+    if "audit_epsilon_lower_bound_mean" in summary and summary["audit_epsilon_lower_bound_mean"].notna().any():
+        paths.append(plot_audit_vs_claim(summary, out / AUDIT_FILE))
     return paths

@@ -364,6 +364,28 @@ def test_make_plots_skips_the_stage_plot_without_props(trials, tmp_path):
         plots.plot_props_stage_accuracy(no_props, tmp_path / "x.png")
 
 
+def test_audited_summaries_get_the_audit_plot_with_the_claim_as_its_diagonal(trials, summary, tmp_path, captured):
+    audited = summary.copy()
+    eps = audited["epsilon"].astype(float)
+    audited["audit_epsilon_lower_bound_mean"] = np.where(np.isfinite(eps), eps / 2, 3.0)  # non-private: 3
+    audited["audit_epsilon_lower_bound_ci"] = 0.0
+    paths = plots.make_plots(trials, audited, tmp_path)
+    assert paths[-1].name == plots.AUDIT_FILE
+    _check_png(paths[-1])
+    fig = captured[plots.AUDIT_FILE]
+    lines = {label: (x, y, ls) for label, x, y, ls in fig["lines"]}
+    x, y, ls = lines["rr"]
+    np.testing.assert_allclose(x, EPSILONS)
+    np.testing.assert_allclose(y, np.asarray(EPSILONS) / 2)
+    _, y, ls = lines["nonprivate"]
+    assert ls == "--" and np.allclose(y, 3.0)
+    x, y, ls = next(v for k, v in lines.items() if k.startswith("claimed ε"))
+    assert ls == ":"
+    np.testing.assert_allclose(y, x)  # bound = claim
+    assert fig["ylim"][1] >= 3.0
+    assert plots.AUDIT_FILE not in [p.name for p in plots.make_plots(trials, summary, tmp_path / "plain")]
+
+
 # -- command ---------------------------------------------------------------------------------------------------
 def test_report_command_prints_and_writes(store, summary, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])

@@ -1,8 +1,7 @@
 """Job configuration: one YAML file per job, validated, with ``--set a.b=value`` overrides.
 
-Every section forbids unknown keys, so a typo is an error that names the
-field. :func:`load_job` is the single entry point used by the CLI.
-"""
+Every section forbids unknown keys, so a typo is an error that names the field. :func:`load_job` is
+the single entry point used by the CLI."""
 
 from __future__ import annotations
 
@@ -77,6 +76,7 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="global gradient clipping for non-DP training")
     log_every: int = Field(10, gt=0)
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (resuming from the last checkpoint)")
+    worker_group: Literal["auto", "shared", "per_run"] = "auto"  # props_ray.train.worker_group
 
     @model_validator(mode="after")
     def _batch_divides(self):

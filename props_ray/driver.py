@@ -191,8 +191,15 @@ class Job:
 
         trials = cfg.trials()
         limit = self._concurrency(cfg, len(trials))
-        if limit <= 1:
-            return [self.run_trial(v, method, eps) for method, eps in trials]
+        if limit <= 1:  # one trial at a time: on CPUs their trainings share one Ray Train worker group
+            import ray
+
+            from props_ray.train.worker_group import shared_group_fits, shared_worker_group
+
+            shared = shared_group_fits(cfg, ray.cluster_resources().get("CPU", 0))
+            with shared_worker_group(cfg, str((cfg.job_dir / "train").resolve()), f"worker-group{v.suffix}",
+                                     enabled=shared):
+                return [self.run_trial(v, method, eps) for method, eps in trials]
         return self._run_concurrently(v, trials, limit)
 
     def _concurrency(self, cfg: JobConfig, n_trials: int) -> int:

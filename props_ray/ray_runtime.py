@@ -46,6 +46,10 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
     else:
         # Logical CPUs: the training workers, one Ray Data actor, and the train controller, even on 2 cores.
         cpus = max(os.cpu_count() or 1, int(num_workers * cpus_per_worker) + 2)
+        # Worker processes the raylet starts at once: one per logical CPU rather than per core. A job's
+        # shared training worker group, its controller and Ray Data's actors stay up together, and on
+        # 2 cores Ray would otherwise print a warning about their number to the console.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(cpus))
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=loud,
                  configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR)

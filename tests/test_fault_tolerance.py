@@ -27,10 +27,13 @@ def _job(raw, tmp_path, **over):
     return raw
 
 
-def test_worker_failure_resumes_stage_from_last_checkpoint(ray_local, tiny_job_raw, tmp_path, monkeypatch):
+@pytest.mark.parametrize("worker_group", ["shared", "per_run"])
+def test_worker_failure_resumes_stage_from_last_checkpoint(ray_local, tiny_job_raw, tmp_path, monkeypatch,
+                                                           worker_group):
     # 2 workers, batch 16 -> 8 pairs per worker step; 2 epochs. The fault comes in stage 1's second epoch.
+    # The job's trainings in one shared worker group, or a worker group per run: Ray Train restarts it.
     raw = _job(tiny_job_raw, tmp_path, name="worker-fault", methods=[{"method": "rr"}])
-    raw["train"] = {**raw["train"], "epochs": 2}
+    raw["train"] = {**raw["train"], "epochs": 2, "worker_group": worker_group}
     cfg = validate_job(raw)
     from props_ray.data.prepare import prepare_data
 

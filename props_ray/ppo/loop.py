@@ -22,6 +22,7 @@ from props_ray.ppo.advantages import gae, kl_penalized_rewards, ppo_loss
 from props_ray.ppo.model import PolicyWithValue, token_logprobs
 from props_ray.ppo.rollout import sample_responses
 from props_ray.train.loop import maybe_inject_fault, report_checkpoint
+from props_ray.train.worker_group import checkpoint_to_resume, dataset_shard
 
 PROMPT_COLUMNS = ("prompt_ids", "prompt_length")
 TRAIN_STATE = "train_state.pt"
@@ -58,7 +59,7 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
     tok = load_tokenizer(cfg.model.tokenizer or base)
 
     # -- policy with value, reference (adapters off, or the frozen base), reward model
-    resume = ray.train.get_checkpoint()
+    resume = checkpoint_to_resume(loop_config)
     state: dict = {}
     adapter = None
     if resume is not None:
@@ -93,7 +94,7 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
     sampler = torch.Generator().manual_seed(cfg.seed * 7919 + rank + 1000 * start_epoch)
 
     # -- PPO: one epoch over each on-policy batch ---------------------------------
-    shard = ray.train.get_dataset_shard("prompts")
+    shard = dataset_shard(loop_config, "prompts")
     if hasattr(engine, "start_stage"):
         engine.start_stage(1, shard, device)
     seen, total = 0, (loop_config.get("num_pairs") or 0) * cfg.train.epochs  # prompts, for the console
@@ -138,11 +139,11 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
                                   pairs=seen, total_pairs=total, reward=row.get("reward"),
                                   epsilon=row.get("epsilon"))
         _report(wrapped, optimizer, engine, rank, epoch, epoch == cfg.train.epochs - 1, history, step,
-                time.time() - t0, save_policy)
+                time.time() - t0, save_policy, loop_config.get("order"))
 
 
-def _report(wrapped, optimizer, engine, rank, epoch, done, history, step, seconds, save_policy):
-    metrics = {"stage": 1, "epoch": epoch, "stage_done": done, "step": step, "epoch_seconds": seconds,
+def _report(wrapped, optimizer, engine, rank, epoch, done, history, step, seconds, save_policy, order):
+    metrics = {"order": order, "stage": 1, "epoch": epoch, "stage_done": done, "step": step, "epoch_seconds": seconds,
                **engine.metrics()}
     if history:
         metrics.update({k: history[-1][k] for k in ("reward", "kl") if k in history[-1]})

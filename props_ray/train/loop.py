@@ -27,6 +27,7 @@ from props_ray import progress
 from props_ray.config import JobConfig
 from props_ray.modeling import AUTOCAST_DTYPES, save_policy
 from props_ray.train.objectives import build as build_objective
+from props_ray.train.worker_group import checkpoint_to_resume, dataset_shard
 
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
@@ -74,7 +75,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     use_autocast = autocast_dtype is not None and device.type == "cuda"
 
     # -- model, objective (DPO with its reference, or Bradley-Terry), optimizer ---
-    resume = ray.train.get_checkpoint()
+    resume = checkpoint_to_resume(loop_config)
     state: dict = {}
     adapter = loop_config.get("init_adapter")
     objective_name = loop_config.get("objective", "dpo")
@@ -106,7 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for stage in stages:
         if stage in done_stages:
             continue
-        shard = ray.train.get_dataset_shard(f"stage_{stage}")
+        shard = dataset_shard(loop_config, f"stage_{stage}")
         if hasattr(engine, "start_stage"):  # DP-SGD: per-stage shard, sampling rate, step plan, accountant
             engine.start_stage(stage, shard, device)
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -147,7 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if last_epoch:
                 done_stages.append(stage)
             _report(model, optimizer, engine, rank, stage, epoch, last_epoch, done_stages, history, step,
-                    time.time() - t0)
+                    time.time() - t0, loop_config.get("order"))
         start_epoch = 0
 
 
@@ -165,8 +166,8 @@ def rank_param_spread(model, max_numel: int = 10_000_000) -> float | None:
     return max((g - gathered[0]).abs().max().item() for g in gathered)
 
 
-def _report(model, optimizer, engine, rank, stage, epoch, stage_done, done_stages, history, step, seconds):
-    metrics = {"stage": stage, "epoch": epoch, "stage_done": stage_done, "step": step,
+def _report(model, optimizer, engine, rank, stage, epoch, stage_done, done_stages, history, step, seconds, order):
+    metrics = {"order": order, "stage": stage, "epoch": epoch, "stage_done": stage_done, "step": step,
                "epoch_seconds": seconds, "rank_param_spread": rank_param_spread(model), **engine.metrics()}
     if history:
         metrics.update({k: history[-1][k] for k in ("loss", "reward_accuracy", "margin") if k in history[-1]})

@@ -34,21 +34,51 @@ def run_name_for(prefix: str, out: str | Path) -> str:
     return f"{prefix}-{hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]}"
 
 
+def run_training(cfg: JobConfig, run_name: str, loop: str, loop_config: dict, datasets: dict) -> list[tuple[str, dict]]:
+    """Run the training loop ``loop`` ('train': :func:`train_loop_per_worker`, 'ppo': PPO's) as the
+    order ``run_name``: in the job's shared worker group when one is open
+    (:mod:`props_ray.train.worker_group`), else in a Ray Train run of its own, named ``run_name``,
+    which resumes from its latest checkpoint if the job's storage has one. ``datasets`` maps a name
+    to a Ray Dataset, split equally over the workers. Returns the (path, metrics) of every reported
+    checkpoint, in order."""
+    from props_ray.ppo.loop import ppo_loop_per_worker
+    from props_ray.train import worker_group
+
+    loop_fn = {"train": train_loop_per_worker, "ppo": ppo_loop_per_worker}[loop]
+    loop_config = {**loop_config, "order": run_name}
+    group = worker_group.active()
+    if group is not None and group.serves(cfg):
+        return group.run(loop_fn, loop_config, datasets)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        loop_fn, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=str((cfg.job_dir / "train").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        datasets=datasets,
+    )
+    return [(ckpt.path, dict(metrics)) for ckpt, metrics in trainer.fit().best_checkpoints]
+
+
 def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages: list[int], datasets: dict,
                engine: str | None = None, objective: str = "dpo",
                base_path: str, init_adapter: str | None, loss: str, flip_rate: float | None,
                num_pairs: int, extra: dict | None = None) -> list[StageCheckpoint]:
-    """Train ``stages`` in order in one Ray Train run; returns one checkpoint per stage.
+    """Train ``stages`` in order as one training (:func:`run_training`); returns one checkpoint per stage.
 
     ``engine`` defaults to the method's (its config section's); ``objective`` is 'dpo' or 'bradley_terry'
-    (:mod:`props_ray.train.objectives`). ``datasets`` maps stage -> Ray Dataset of tokenized pairs. Workers get their
-    shard with ``ray.train.get_dataset_shard('stage_K')``. A run with the same
-    name in the job's storage resumes from its latest checkpoint.
+    (:mod:`props_ray.train.objectives`). ``datasets`` maps stage -> Ray Dataset of tokenized pairs; workers get
+    their shard of 'stage_K'. A training of the same name in the job's storage resumes from its latest
+    checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    storage = (cfg.job_dir / "train").resolve()
     if engine is None:
         from props_ray.sections import section_of
 
@@ -58,26 +88,13 @@ def fit_stages(cfg: JobConfig, *, run_name: str, trial: str, method: str, stages
                    "flip_rate": flip_rate, "base_path": base_path, "init_adapter": init_adapter,
                    "num_pairs": num_pairs, "trial": trial, "job_dir": str(cfg.job_dir.resolve()),
                    "fail_at": os.environ.get("PROPS_RAY_FAIL_AT"), **(extra or {})}
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
-        datasets={f"stage_{k}": datasets[k] for k in stages},
-    )
-    result = trainer.fit()
+    reported = run_training(cfg, run_name, "train", loop_config, {f"stage_{k}": datasets[k] for k in stages})
     out: dict[int, StageCheckpoint] = {}
     epochs: dict[int, list[dict]] = {}
-    for ckpt, metrics in result.best_checkpoints:
+    for path, metrics in reported:
         epochs.setdefault(int(metrics["stage"]), []).append(dict(metrics))
         if metrics.get("stage_done"):
-            out[int(metrics["stage"])] = StageCheckpoint(int(metrics["stage"]), ckpt.path, dict(metrics))
+            out[int(metrics["stage"])] = StageCheckpoint(int(metrics["stage"]), path, dict(metrics))
     for k, ck in out.items():
         ck.epochs = sorted(epochs[k], key=lambda m: m["epoch"])
     missing = [k for k in stages if k not in out]
@@ -143,12 +160,9 @@ def fit_ppo(cfg: JobConfig, prompts: list[str], base_path: str, reward_model: st
     prompts, noise once per step, the accountant in every checkpoint) with ``epsilon``."""
     import numpy as np
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from props_ray.dpo.tokenize import encode_prompts
     from props_ray.modeling import load_tokenizer
-    from props_ray.ppo.loop import ppo_loop_per_worker
 
     tok = load_tokenizer(cfg.model.tokenizer or base_path)
     ids = encode_prompts(tok, prompts, cfg.data.max_prompt_length)
@@ -160,15 +174,6 @@ def fit_ppo(cfg: JobConfig, prompts: list[str], base_path: str, reward_model: st
                    "num_pairs": len(prompts), "total_pairs": total_pairs or len(prompts), "epsilon": epsilon,
                    "trial": name,
                    "job_dir": str(cfg.job_dir.resolve()), "fail_at": os.environ.get("PROPS_RAY_FAIL_AT")}
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
-    trainer = TorchTrainer(
-        ppo_loop_per_worker, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str((cfg.job_dir / "train").resolve()),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
-        datasets={"prompts": ray.data.from_items(rows)})
-    result = trainer.fit()
-    ckpt, metrics = next((c, m) for c, m in reversed(result.best_checkpoints) if m.get("stage_done"))
-    return StageCheckpoint(1, ckpt.path, dict(metrics))
+    reported = run_training(cfg, name, "ppo", loop_config, {"prompts": ray.data.from_items(rows)})
+    path, metrics = next((p, m) for p, m in reversed(reported) if m.get("stage_done"))
+    return StageCheckpoint(1, path, dict(metrics))

@@ -1,0 +1,228 @@
+"""One Ray Train worker group for every training run of a job.
+
+A Ray Train run costs about 8 s of start-up on a 2-core machine (its controller, placement group,
+worker processes, the process group) plus the workers' imports and model build, whatever it trains.
+A job on the embedded task trains a dozen small runs, so on CPUs the job keeps one long-lived
+``TorchTrainer`` instead: its workers wait for *orders* (a training loop, its config and its
+datasets), run each one as they would run it in a run of its own, and report its checkpoints to the
+shared run. The driver keeps the recipe's order of work: between orders the workers are idle and the
+relabels and evaluations run as Ray Data jobs on the CPUs beside them.
+
+What stays as it was:
+
+- an order's checkpoints are Ray Train checkpoints (model, optimizer, the accountant), tagged with
+  the order's name; a worker that fails is restarted by Ray Train (``train.max_failures``) and
+  resumes the order from its last checkpoint; a re-run of the job resumes the same way;
+- each order's datasets are split across the workers by Ray Data (``streaming_split``, equal shards),
+  as Ray Train splits a run's datasets.
+
+The shared group is used where the relabel's and evaluation's Ray Data workers have resources beside
+it: without GPUs and with a spare CPU (:func:`shared_group_fits`). On GPUs every run has the worker
+group to itself, so that batch inference can take the GPUs between runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+#: Set in an order's loop config: the order's dataset shards, one per worker, by dataset name.
+ORDER_SHARDS = "_order_shards"
+
+
+def dataset_shard(loop_config: dict, name: str):
+    """This worker's shard of the dataset ``name``: the order's own, or the Ray Train run's."""
+    import ray.train
+
+    shards = loop_config.get(ORDER_SHARDS)
+    if shards is None:
+        return ray.train.get_dataset_shard(name)
+    return shards[name][ray.train.get_context().get_world_rank()]
+
+
+def checkpoint_to_resume(loop_config: dict):
+    """The checkpoint a training loop resumes from: the run's latest (its own run), or in a shared
+    worker group the latest one reported under this order's name (None: the order starts afresh)."""
+    import ray.train
+
+    if ORDER_SHARDS not in loop_config:
+        return ray.train.get_checkpoint()
+    mine = [r.checkpoint for r in ray.train.get_all_reported_checkpoints()
+            if r.metrics.get("order") == loop_config["order"]]
+    return mine[-1] if mine else None
+
+
+def shared_group_fits(cfg, cluster_cpus: float) -> bool:
+    """Whether a job's trainings share one worker group: never on GPUs; 'shared' or 'per_run' as
+    ``train.worker_group`` says; 'auto' where the cluster has a CPU beside the group for batch inference."""
+    mode = cfg.train.worker_group
+    if cfg.train.use_gpu or mode == "per_run":
+        return False
+    return mode == "shared" or cluster_cpus >= cfg.train.num_workers * cfg.train.cpus_per_worker + 1
+
+
+def _orders_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Orders:
+        """The orders of a shared worker group, one at a time: the driver submits one and waits for its
+        result; every worker takes it, runs it, and rank 0 posts its checkpoints."""
+
+        def __init__(self):
+            self.seq, self.order, self.result, self.closed = 0, None, None, False
+            self.changed = asyncio.Condition()
+
+        async def submit(self, loop, loop_config: dict) -> int:
+            async with self.changed:
+                self.seq, self.order, self.result = self.seq + 1, (loop, loop_config), None
+                self.changed.notify_all()
+                return self.seq
+
+        async def next(self, after: int):
+            """The order after ``after`` (a worker's last finished one), waiting for it; None when closed.
+            A restarted worker (``after`` 0) gets the order in flight again."""
+            async with self.changed:
+                await self.changed.wait_for(
+                    lambda: self.closed or (self.order is not None and self.result is None and self.seq > after))
+                return None if self.closed else (self.seq, *self.order)
+
+        async def finish(self, seq: int, result: list) -> None:
+            async with self.changed:
+                if seq == self.seq:
+                    self.result = result
+                    self.changed.notify_all()
+
+        async def result_of(self, seq: int) -> list:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.seq == seq and self.result is not None)
+                return self.result
+
+        async def close(self) -> None:
+            async with self.changed:
+                self.closed = True
+                self.changed.notify_all()
+
+    return Orders
+
+
+def serve_per_worker(config: dict) -> None:
+    """The shared run's train function: take each order, run its loop, and on rank 0 post the
+    checkpoints the order reported (their paths and metrics)."""
+    import ray
+    import ray.train
+
+    orders, last = config["orders"], 0
+    rank = ray.train.get_context().get_world_rank()
+    while True:
+        order = ray.get(orders.next.remote(last))
+        if order is None:
+            return
+        seq, loop, loop_config = order
+        loop(loop_config)
+        last = seq
+        del order
+        if rank == 0:
+            reported = [(r.checkpoint.path, dict(r.metrics)) for r in ray.train.get_all_reported_checkpoints()
+                        if r.metrics.get("order") == loop_config["order"]]
+            ray.get(orders.finish.remote(seq, reported))
+
+
+class SharedWorkerGroup:
+    """The job's worker group (a ``TorchTrainer`` whose ``fit`` runs in a driver thread until
+    :meth:`close`). :meth:`run` trains one order and returns its reported checkpoints."""
+
+    def __init__(self, cfg, storage: str, name: str):
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        self.num_workers = cfg.train.num_workers
+        self.resources = {"CPU": cfg.train.cpus_per_worker}
+        self.orders = _orders_actor().remote()
+        self.trainer = TorchTrainer(
+            serve_per_worker, train_loop_config={"orders": self.orders},
+            scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=False,
+                                         resources_per_worker=self.resources),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None)))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, name="shared-worker-group", daemon=True)
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - raised in the driver by the order that waits on it
+            self.error = e
+
+    def serves(self, cfg) -> bool:
+        """Whether an order of ``cfg`` can run here (the same workers and resources)."""
+        return (cfg.train.num_workers == self.num_workers and not cfg.train.use_gpu
+                and {"CPU": cfg.train.cpus_per_worker} == self.resources)
+
+    def run(self, loop, loop_config: dict, datasets: dict) -> list[tuple[str, dict]]:
+        """Run the training loop ``loop`` (a train function) with ``loop_config`` (its ``order`` names it)
+        on ``datasets`` (name -> Ray Dataset, split equally over the workers); returns the (path,
+        metrics) of every checkpoint reported under the order's name, in order."""
+        import ray
+
+        shards = {name: ds.streaming_split(self.num_workers, equal=True) for name, ds in datasets.items()}
+        seq = ray.get(self.orders.submit.remote(loop, {**loop_config, ORDER_SHARDS: shards}))
+        result = self.orders.result_of.remote(seq)
+        while True:
+            ready, _ = ray.wait([result], timeout=0.2)
+            if ready:
+                return ray.get(result)
+            if not self.thread.is_alive():
+                if self.error is not None:
+                    raise self.error
+                raise RuntimeError("the shared training worker group ended before its order finished")
+
+    def close(self) -> None:
+        import ray
+
+        if self.thread.is_alive():
+            ray.get(self.orders.close.remote())
+            self.thread.join()
+        ray.kill(self.orders)
+        if self.error is not None:
+            raise self.error
+
+
+_active: SharedWorkerGroup | None = None
+_opened: tuple | None = None  # the arguments of the group the open ``with`` block starts on first use
+
+
+def active() -> SharedWorkerGroup | None:
+    """The job's shared worker group while a :class:`shared_worker_group` block is open in this process,
+    started by the first order that asks for it."""
+    global _active
+    if _active is None and _opened is not None:
+        _active = SharedWorkerGroup(*_opened)
+    return _active
+
+
+class shared_worker_group:  # noqa: N801 - a context manager, used as ``with shared_worker_group(...)``
+    """Within the ``with`` block, trainings share one worker group (started when the first one needs it;
+    nothing when ``enabled`` is false); it is closed at the block's end."""
+
+    def __init__(self, cfg, storage: str, name: str, enabled: bool):
+        self.args, self.enabled = (cfg, storage, name), enabled
+
+    def __enter__(self):
+        global _opened
+        if self.enabled:
+            _opened = self.args
+        return self
+
+    def __exit__(self, *exc):
+        global _active, _opened
+        group, _active, _opened = _active, None, None
+        if group is not None:
+            try:
+                group.close()
+            except BaseException:
+                if exc[0] is None:  # an error of the block itself is the one to see
+                    raise
+        return False

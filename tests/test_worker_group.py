@@ -1,0 +1,68 @@
+"""The job's shared Ray Train worker group (props_ray/train/worker_group.py): every training of a job
+in one worker group trains exactly what a worker group per run trains. Real Ray, Ray Train, Ray Data
+and MLflow."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from props_ray.config import validate_job
+from props_ray.driver import Job
+from props_ray.train.worker_group import shared_group_fits
+
+
+def _stage_rows(cfg, trial: str) -> dict:
+    """Stage -> its checkpoint's directory and the rows of its metrics.jsonl (every logged step)."""
+    state = json.loads((cfg.job_dir / "trials" / trial / "state.json").read_text())
+    return {k: (Path(s["path"]), [json.loads(x) for x in (Path(s["path"]) / "metrics.jsonl").read_text().splitlines()])
+            for k, s in state["stages"].items()}
+
+
+def test_shared_worker_group_trains_what_a_group_per_run_trains(ray_local, tiny_job_raw, tmp_path):
+    # PROPS (two DPO orders with a relabel between them, the second from the first's adapter) and
+    # DP-RLHF (a DP reward model, then DP-PPO's loop): four trainings, in one worker group or in four.
+    results, cfgs = {}, {}
+    for mode in ("per_run", "shared"):
+        raw = json.loads(json.dumps(tiny_job_raw))
+        raw.update({"name": f"group-{mode}", "output_dir": str(tmp_path / mode),
+                    "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/{mode}.db"},
+                    "methods": [{"method": "props"}, {"method": "dprlhf"}]})
+        raw["train"] = {**raw["train"], "epochs": 2, "worker_group": mode}
+        cfgs[mode] = validate_job(raw)
+        results[mode] = Job(cfgs[mode]).run()
+
+    for trial in ("props-mle-eps0.5", "dprlhf-central-eps0.5"):
+        runs = {mode: _stage_rows(cfgs[mode], trial) for mode in cfgs}
+        assert sorted(runs["shared"]) == sorted(runs["per_run"]) == ["1", "2"]
+        for k in runs["shared"]:
+            shared, per_run = runs["shared"][k][1], runs["per_run"][k][1]
+            assert [r["step"] for r in shared] == [r["step"] for r in per_run] and shared
+            for a, b in zip(shared, per_run):  # the same shards, seeds and start: the same training
+                for key in ("loss", "epsilon", "reward", "kl"):
+                    if key in b:
+                        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (trial, k, a, b)
+    for a, b in zip(results["shared"], results["per_run"]):
+        assert a.win.win_rate == pytest.approx(b.win.win_rate) and a.extra["reward_mean"] == pytest.approx(
+            b.extra["reward_mean"])
+
+    # where they ran: every checkpoint of the shared job in its one Ray Train run, one run per training otherwise
+    def run_dirs(cfg):
+        return {p.parent for trial in ("props-mle-eps0.5", "dprlhf-central-eps0.5")
+                for p, _ in _stage_rows(cfg, trial).values()}
+    assert run_dirs(cfgs["shared"]) == {(cfgs["shared"].job_dir / "train" / "worker-group").resolve()}
+    assert len(run_dirs(cfgs["per_run"])) == 4
+
+
+def test_the_group_is_shared_only_where_batch_inference_has_resources_beside_it(tiny_job_raw):
+    def cfg(**train):
+        raw = json.loads(json.dumps(tiny_job_raw))
+        raw["train"] = {**raw["train"], **train}
+        return validate_job(raw)
+
+    assert shared_group_fits(cfg(), cluster_cpus=3)  # 2 workers of 1 CPU, and one CPU for Ray Data
+    assert not shared_group_fits(cfg(), cluster_cpus=2)  # relabels would wait for the group forever
+    assert not shared_group_fits(cfg(use_gpu=True), cluster_cpus=64)  # inference needs the GPUs between runs
+    assert not shared_group_fits(cfg(use_gpu=True, worker_group="shared"), cluster_cpus=64)
+    assert not shared_group_fits(cfg(worker_group="per_run"), cluster_cpus=64)
+    assert shared_group_fits(cfg(worker_group="shared"), cluster_cpus=2)  # the user's call

@@ -66,6 +66,14 @@ class Variant:
                         f"results are not this job's. Give the job another name or output_dir, or remove "
                         f"{path.parent} to run it again")
 
+    def complete(self, job_dir) -> bool:
+        """Whether every trial of the variant has its result already (a re-run has nothing to train)."""
+        for method, epsilon in self.cfg.trials():
+            path = job_dir / "trials" / (trial_name(method, epsilon) + self.suffix) / "state.json"
+            if not path.exists() or "result" not in json.loads(path.read_text()):
+                return False
+        return True
+
     def trial(self, method: MethodSection, epsilon: float | None, job_dir, say, timings, in_task=False) -> Trial:
         name = trial_name(method, epsilon) + self.suffix
         trial_dir = job_dir / "trials" / name
@@ -164,6 +172,22 @@ class Job:
         return out
 
     def _run_variant(self, v: Variant) -> list[TrialResult]:
+        import ray
+
+        from props_ray.train.worker_group import shared_group_fits, shared_worker_group
+
+        cfg = v.cfg
+        limit = self._concurrency(cfg, len(cfg.trials()))
+        # One trial at a time: on CPUs their trainings share one Ray Train worker group, which starts
+        # now, beside the reference model and the data step, if anything is left to train.
+        shared = (limit <= 1 and shared_group_fits(cfg, ray.cluster_resources().get("CPU", 0))
+                  and not v.complete(self.job_dir))
+        with shared_worker_group(cfg, str((cfg.job_dir / "train").resolve()), f"worker-group{v.suffix}",
+                                 enabled=shared) as group:
+            group.start()
+            return self._run_variant_trials(v, limit)
+
+    def _run_variant_trials(self, v: Variant, limit: int) -> list[TrialResult]:
         from props_ray.reference import resolve_reference
 
         cfg = v.cfg
@@ -190,16 +214,8 @@ class Job:
             self.runs.log_draw(ledger, v.suffix)
 
         trials = cfg.trials()
-        limit = self._concurrency(cfg, len(trials))
-        if limit <= 1:  # one trial at a time: on CPUs their trainings share one Ray Train worker group
-            import ray
-
-            from props_ray.train.worker_group import shared_group_fits, shared_worker_group
-
-            shared = shared_group_fits(cfg, ray.cluster_resources().get("CPU", 0))
-            with shared_worker_group(cfg, str((cfg.job_dir / "train").resolve()), f"worker-group{v.suffix}",
-                                     enabled=shared):
-                return [self.run_trial(v, method, eps) for method, eps in trials]
+        if limit <= 1:
+            return [self.run_trial(v, method, eps) for method, eps in trials]
         return self._run_concurrently(v, trials, limit)
 
     def _concurrency(self, cfg: JobConfig, n_trials: int) -> int:

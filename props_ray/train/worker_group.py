@@ -216,6 +216,12 @@ class shared_worker_group:  # noqa: N801 - a context manager, used as ``with sha
             _opened = self.args
         return self
 
+    def start(self) -> None:
+        """Start the group now (its start-up overlaps the caller's next steps) rather than at the first
+        training; nothing when the block is not enabled."""
+        if self.enabled:
+            active()
+
     def __exit__(self, *exc):
         global _active, _opened
         group, _active, _opened = _active, None, None

@@ -182,8 +182,7 @@ class Job:
         # now, beside the reference model and the data step, if anything is left to train.
         shared = (limit <= 1 and shared_group_fits(cfg, ray.cluster_resources().get("CPU", 0))
                   and not v.complete(self.job_dir))
-        with shared_worker_group(cfg, str((cfg.job_dir / "train").resolve()), f"worker-group{v.suffix}",
-                                 enabled=shared) as group:
+        with shared_worker_group(cfg, f"worker-group{v.suffix}", enabled=shared) as group:
             group.start()
             return self._run_variant_trials(v, limit)
 

@@ -50,7 +50,7 @@ def run_training(cfg: JobConfig, run_name: str, loop: str, loop_config: dict, da
     if group is not None and group.serves(cfg):
         return group.run(loop_fn, loop_config, datasets)
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -60,10 +60,7 @@ def run_training(cfg: JobConfig, run_name: str, loop: str, loop_config: dict, da
         loop_fn, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=str((cfg.job_dir / "train").resolve()),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
-        datasets=datasets,
+        run_config=worker_group.run_config(cfg, run_name), datasets=datasets,
     )
     return [(ckpt.path, dict(metrics)) for ckpt, metrics in trainer.fit().best_checkpoints]
 

@@ -47,9 +47,26 @@ def checkpoint_to_resume(loop_config: dict):
 
     if ORDER_SHARDS not in loop_config:
         return ray.train.get_checkpoint()
-    mine = [r.checkpoint for r in ray.train.get_all_reported_checkpoints()
-            if r.metrics.get("order") == loop_config["order"]]
-    return mine[-1] if mine else None
+    mine = reported_under(loop_config["order"])
+    return mine[-1].checkpoint if mine else None
+
+
+def reported_under(order: str) -> list:
+    """The checkpoints (``ReportedCheckpoint``) the run holds for the training ``order``, in the order
+    they were reported."""
+    import ray.train
+
+    return [r for r in ray.train.get_all_reported_checkpoints() if r.metrics.get("order") == order]
+
+
+def run_config(cfg, name: str):
+    """The ``RunConfig`` of a training run (a shared group's, or one training's): the job's storage,
+    ``train.max_failures``, every checkpoint kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(name=name, storage_path=str((cfg.job_dir / "train").resolve()),
+                     failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=None))
 
 
 def shared_group_fits(cfg, cluster_cpus: float) -> bool:
@@ -121,10 +138,8 @@ def serve_per_worker(config: dict) -> None:
         seq, loop, loop_config = order
         loop(loop_config)
         last = seq
-        del order
         if rank == 0:
-            reported = [(r.checkpoint.path, dict(r.metrics)) for r in ray.train.get_all_reported_checkpoints()
-                        if r.metrics.get("order") == loop_config["order"]]
+            reported = [(r.checkpoint.path, dict(r.metrics)) for r in reported_under(loop_config["order"])]
             ray.get(orders.finish.remote(seq, reported))
 
 
@@ -132,8 +147,8 @@ class SharedWorkerGroup:
     """The job's worker group (a ``TorchTrainer`` whose ``fit`` runs in a driver thread until
     :meth:`close`). :meth:`run` trains one order and returns its reported checkpoints."""
 
-    def __init__(self, cfg, storage: str, name: str):
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    def __init__(self, cfg, name: str):
+        from ray.train import ScalingConfig
         from ray.train.torch import TorchTrainer
 
         self.num_workers = cfg.train.num_workers
@@ -143,9 +158,7 @@ class SharedWorkerGroup:
             serve_per_worker, train_loop_config={"orders": self.orders},
             scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=False,
                                          resources_per_worker=self.resources),
-            run_config=RunConfig(name=name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=None)))
+            run_config=run_config(cfg, name))
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, name="shared-worker-group", daemon=True)
         self.thread.start()
@@ -207,8 +220,8 @@ class shared_worker_group:  # noqa: N801 - a context manager, used as ``with sha
     """Within the ``with`` block, trainings share one worker group (started when the first one needs it;
     nothing when ``enabled`` is false); it is closed at the block's end."""
 
-    def __init__(self, cfg, storage: str, name: str, enabled: bool):
-        self.args, self.enabled = (cfg, storage, name), enabled
+    def __init__(self, cfg, name: str, enabled: bool):
+        self.args, self.enabled = (cfg, name), enabled
 
     def __enter__(self):
         global _opened

@@ -57,10 +57,11 @@ def run_training(cfg: JobConfig, run_name: str, loop: str, loop_config: dict, da
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        loop_fn, train_loop_config=loop_config,
+        loop_fn, train_loop_config={**loop_config,
+                                    worker_group.SHARDS: worker_group.split_equally(datasets, cfg.train.num_workers)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
-        run_config=worker_group.run_config(cfg, run_name), datasets=datasets,
+        run_config=worker_group.run_config(cfg, run_name),
     )
     return [(ckpt.path, dict(metrics)) for ckpt, metrics in trainer.fit().best_checkpoints]
 

@@ -48,7 +48,7 @@ class StageScorer:
     def __call__(self, batch: dict) -> dict:
         start = time.time()
         tensors = {k: torch.as_tensor(np.require(batch[k], requirements="W"), device=self.device) for k in PAIR_TENSORS}
-        pol_c, pol_r = pair_logprobs(self.policy, tensors)
+        pol_c, pol_r = pair_logprobs(self.policy, tensors, share_prompt=True)
         ref_c, ref_r = self.reference.pair_logprobs(tensors)
         margin = self.beta * implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
         out = {"id": batch["id"], "margin": margin.float().cpu().numpy()}

@@ -23,9 +23,16 @@ def test_pythia_1b_architecture_has_pythia_1b_size():
         "pythia-1b-arch"]
     # 16 x (4 d^2 + 2 d * 4d) + d * vocab with d = 2048: about 0.91 B matmul weights (+ 0.10 B embeddings)
     assert gpu.matmul_weights(cfg) == 16 * (4 * 2048 ** 2 + 2 * 2048 * 8192) + 2048 * 50304
-    per_token = gpu.forward_flops_per_token(cfg, 512)
-    assert per_token == 2 * gpu.matmul_weights(cfg) + 4 * 16 * 512 * 2048
-    assert gpu.step_flops(cfg, pairs=8, length=512) == 3 * per_token * 2 * 8 * 512
+    blocks, head = 16 * (4 * 2048 ** 2 + 2 * 2048 * 8192), 2048 * 50304
+    # 2B rows of 512 tokens, the head over the 257 positions that predict the 256 response tokens
+    rows = 16 * 512 * (2 * blocks + 4 * 16 * 512 * 2048) + 2 * head * 16 * 257
+    # one row per pair: 256 prompt + 2 x 256 response tokens, the head over 2 x 256 + 1 positions
+    shared = 8 * 768 * (2 * blocks + 4 * 16 * 768 * 2048) + 2 * head * 8 * 513
+    assert gpu.layout_forward_flops(cfg, 8, 512, shared_prompt=False) == rows
+    assert gpu.layout_forward_flops(cfg, 8, 512, shared_prompt=True) == shared
+    assert gpu.step_flops(cfg, pairs=8, length=512, mode="nonprivate") == 3 * shared
+    assert gpu.step_flops(cfg, pairs=8, length=512, mode="dpsgd") == shared + 2 * rows
+    assert 0.75 < shared / rows < 0.80  # a quarter of the block tokens saved; attention over longer rows
 
 
 def test_peak_lookup_prefers_the_specific_variant():
@@ -49,6 +56,6 @@ def test_figures_are_consistent_on_the_tiny_model_on_cpu():
         assert r["step_ms"] > 0 and r["peak_memory_mib"] > 0
         assert r["pairs_per_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
         assert r["tokens_per_s"] == pytest.approx(r["pairs_per_s"] * 2 * 16)
-        assert r["mfu"] == pytest.approx(g["flops_per_step"] / (r["step_ms"] / 1e3) / 1e12)
+        assert r["mfu"] == pytest.approx(g["flops_per_step"][m] / (r["step_ms"] / 1e3) / 1e12)
     assert g["time_ratio"] == pytest.approx(g["dpsgd"]["step_ms"] / g["nonprivate"]["step_ms"])
     assert len(gpu.format_lines(g)) == 4

@@ -99,24 +99,18 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 def functorch_per_pair_grads(policy, batch, ref_c, ref_r) -> dict[str, torch.Tensor]:
     """vmap(grad(loss of one pair)) over pairs, with functional_call on the trainable parameters.
 
-    The attention mask is dropped inside vmap (transformers' mask code branches on data): with right
-    padding and causal attention, real tokens never attend to padding, so the loss-masked log-probs
-    are the same."""
+    The log-probs are written out here over full-length logits, not taken from ``pair_logprobs``
+    (whose response window is data-dependent and so cannot run under vmap). The attention mask is
+    dropped inside vmap (transformers' mask code branches on data): with right padding and causal
+    attention, real tokens never attend to padding, so the loss-masked log-probs are the same."""
     params = {n: p.detach() for n, p in trainable(policy).items()}
 
-    class Functional:
-        def __init__(self, p):
-            self.p = p
-
-        def __call__(self, input_ids, attention_mask):
-            return functional_call(policy, self.p, (), {"input_ids": input_ids})
-
     def one_pair_loss(p, c_ids, c_att, c_lm, r_ids, r_att, r_lm, rc, rr):
-        b = {"chosen_input_ids": c_ids[None], "chosen_attention_mask": c_att[None], "chosen_loss_mask": c_lm[None],
-             "rejected_input_ids": r_ids[None], "rejected_attention_mask": r_att[None],
-             "rejected_loss_mask": r_lm[None]}
-        pc, pr = pair_logprobs(Functional(p), b)
-        return dpo_loss("sigmoid", implicit_reward_margin(pc, pr, rc[None], rr[None]), BETA).sum()
+        ids, lm = torch.stack([c_ids, r_ids]), torch.stack([c_lm, r_lm])
+        logits = functional_call(policy, p, (), {"input_ids": ids}).logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        pc, pr = (logp * lm[:, 1:].to(logp.dtype)).sum(-1)
+        return dpo_loss("sigmoid", implicit_reward_margin(pc[None], pr[None], rc[None], rr[None]), BETA).sum()
 
     args = [batch[k] for k in PAIR_TENSORS] + [ref_c, ref_r]
     return vmap(grad(one_pair_loss), in_dims=(None,) + (0,) * len(args))(params, *args)

@@ -123,3 +123,145 @@ def test_reference_logits_are_the_base_model_after_the_policy_moves(tmp_path, lo
     torch.testing.assert_close(reference.logits(ids, att), want)
     assert not torch.allclose(moved, want)
     assert policy.training
+
+
+def _full_logits_logprobs(model, ids, att, mask):
+    """Every position through the LM head, the sum taken over response tokens: what the window replaces."""
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    return (logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize("prompt_lengths", [(3, 5, 1, 7), (4, 4, 4, 4), (0, 2, 6, 3)])
+def test_response_window_logprobs_match_full_logits_values_and_gradients(tmp_path, prompt_lengths):
+    """The forward cut at the last real token and the head run from the first response token give the
+    same sums and the same LoRA gradients as full-length logits, whatever the prompts' lengths and padding."""
+    from props_ray.config import ModelConfig
+    from props_ray.dpo.logprobs import response_window, sequence_logprobs
+    from props_ray.embedded.model import build_tiny_model, build_tokenizer
+    from props_ray.embedded.task import EmbeddedTask
+    from props_ray.modeling import build_policy
+
+    tok = build_tokenizer(EmbeddedTask())
+    build_tiny_model(len(tok), 32, 2, 2).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy = build_policy(str(tmp_path), ModelConfig())
+    with torch.no_grad():  # adapters away from zero, so their gradients are not trivial
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    length, n = 16, len(prompt_lengths)
+    ids = torch.randint(3, len(tok), (n, length), generator=g)
+    att = torch.zeros(n, length, dtype=torch.long)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for i, p in enumerate(prompt_lengths):
+        used = p + 2 + i  # right padding after a response of 2 + i tokens; the last column is never used
+        att[i, :used], mask[i, p:used] = 1, 1
+        ids[i, used:] = tok.pad_token_id
+    mask[:, 0] = 0  # the first column has no prefix (a row without a prompt starts its response there)
+    start, end = response_window(att, mask)
+    assert (start, end) == (max(min(prompt_lengths), 1), max(p + 2 + i for i, p in enumerate(prompt_lengths)))
+    assert end < length
+
+    def grads(fn):
+        policy.zero_grad()
+        out = fn(policy, ids, att, mask)
+        out.pow(2).sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in policy.named_parameters() if p.requires_grad}
+
+    got, got_grads = grads(sequence_logprobs)
+    want, want_grads = grads(_full_logits_logprobs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want_grads and want_grads.keys() == got_grads.keys()
+    for k in want_grads:
+        torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-3, atol=1e-5)
+
+
+def _pairs_with_shared_prompts(vocab: int, pad: int, prompt_lengths, seed: int = 0):
+    """Pairs whose chosen and rejected rows share their prompt and differ in their responses' tokens
+    and lengths, right-padded to 16 columns."""
+    g = torch.Generator().manual_seed(seed)
+    n, length = len(prompt_lengths), 16
+    batch = {}
+    prompts = torch.randint(3, vocab, (n, length), generator=g)
+    for side, extra in (("chosen", 2), ("rejected", 4)):
+        ids = torch.randint(3, vocab, (n, length), generator=g)
+        att = torch.zeros(n, length, dtype=torch.long)
+        mask = torch.zeros(n, length, dtype=torch.long)
+        for i, p in enumerate(prompt_lengths):
+            used = p + extra + (i % 3)
+            ids[i, :p] = prompts[i, :p]
+            ids[i, used:] = pad
+            att[i, :used], mask[i, p:used] = 1, 1
+        mask[:, 0] = 0
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": att, f"{side}_loss_mask": mask})
+    return batch
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("prompt_lengths", [(3, 5, 1, 7), (6, 6, 6, 6)])
+def test_shared_prompt_layout_matches_full_logits_values_and_gradients(tmp_path, prompt_lengths, attention):
+    """One row per pair (prompt once, then both responses kept apart by the mask) gives the log-probs
+    and LoRA gradients of full-length logits over 2B rows."""
+    from props_ray.config import ModelConfig
+    from props_ray.dpo.logprobs import pair_logprobs, shared_prefix
+    from props_ray.embedded.model import build_tiny_model, build_tokenizer
+    from props_ray.embedded.task import EmbeddedTask
+    from props_ray.modeling import build_policy
+
+    tok = build_tokenizer(EmbeddedTask())
+    build_tiny_model(len(tok), 32, 2, 2).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy = build_policy(str(tmp_path), ModelConfig()).double()  # float64: differences are layout, not rounding
+    policy.base_model.model.set_attn_implementation(attention)
+    assert policy.config._attn_implementation == attention
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    batch = _pairs_with_shared_prompts(len(tok), tok.pad_token_id, prompt_lengths)
+    assert shared_prefix(batch) == min(prompt_lengths)
+
+    def grads(fn):
+        policy.zero_grad()
+        c, r = fn()
+        (c.pow(2).sum() + 3 * r.pow(2).sum()).backward()
+        return (c.detach(), r.detach()), {k: p.grad.clone() for k, p in policy.named_parameters() if p.requires_grad}
+
+    def full():
+        return tuple(_full_logits_logprobs(policy, batch[f"{s}_input_ids"], batch[f"{s}_attention_mask"],
+                                           batch[f"{s}_loss_mask"]) for s in ("chosen", "rejected"))
+
+    got, got_grads = grads(lambda: pair_logprobs(policy, batch, share_prompt=True))
+    want, want_grads = grads(full)
+    # Eager attention takes its softmax in float32 (transformers), so it agrees to float32's rounding;
+    # a layout error moves the sums and gradients by orders of magnitude more.
+    tol = 1e-9 if attention == "sdpa" else 1e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert want_grads and want_grads.keys() == got_grads.keys()
+    for k in want_grads:
+        assert (got_grads[k] - want_grads[k]).norm() <= 100 * tol * want_grads[k].norm(), k
+
+
+def test_shared_prompt_falls_back_to_rows_and_is_refused_under_dp_sgd(tmp_path):
+    """Pairs whose rows differ in their first column take the 2B-row layout (same values); a per-pair
+    DP-SGD module refuses the shared layout, whose B rows would break its per-pair samples."""
+    from props_ray.config import ModelConfig
+    from props_ray.dpo.logprobs import pair_logprobs, shared_prefix
+    from props_ray.dpsgd.grad_sample import PairGradSampleModule
+    from props_ray.embedded.model import build_tiny_model, build_tokenizer
+    from props_ray.embedded.task import EmbeddedTask
+    from props_ray.modeling import build_policy
+
+    tok = build_tokenizer(EmbeddedTask())
+    build_tiny_model(len(tok), 32, 2, 2).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy = build_policy(str(tmp_path), ModelConfig())
+    batch = _pairs_with_shared_prompts(len(tok), tok.pad_token_id, (3, 4))
+    batch["rejected_input_ids"][0, 0] = batch["chosen_input_ids"][0, 0] + 1
+    assert shared_prefix(batch) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(pair_logprobs(policy, batch, share_prompt=True), pair_logprobs(policy, batch))
+    with pytest.raises(ValueError, match="2B-row layout"):
+        pair_logprobs(PairGradSampleModule(policy), batch, share_prompt=True)

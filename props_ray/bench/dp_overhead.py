@@ -2,6 +2,7 @@
 
     props-ray bench --only dp_overhead          (part of the bench table)
     python -m props_ray.bench.dp_overhead [--batch 32] [--steps 20] [--large-on-cpu]   (details)
+    python -m props_ray.bench.dp_overhead --model pythia-160m-arch --batch 8 --length 128 --steps 3
 
 Both modes run the same training step as ``props_ray.train.loop`` on the same
 fixed batch of pairs: reference log-probs (LoRA disabled, no grad), policy
@@ -24,10 +25,11 @@ steps interleaved, so load from other processes slows both alike. Memory: each
   tensor allocations.
 
 Models: the embedded tiny GPT-NeoX (the demo's model, LoRA on attention, MLP and
-lm_head); a Pythia-410m-architecture GPT-NeoX (hidden 1024, 24 layers, 16 heads,
-random init, LoRA r=8) only when CUDA is available, or on CPU with
-``--large-on-cpu``. Goals: time ratio <= 1.10, memory ratio <= 1.3 (printed,
-not asserted).
+lm_head); Pythia-160m- and -410m-architecture GPT-NeoXs (random init, LoRA r=8
+on attention and MLP) only when CUDA is available, or on CPU with
+``--large-on-cpu`` (410m) or ``--model`` (any, alone). Goals: time ratio <= 1.10
+on the tiny model and <= 1.05 on the Pythia architectures, memory ratio <= 1.3
+(printed, not asserted).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import sys
 import time
 
 TIME_GOAL, MEMORY_GOAL = 1.10, 1.3
+LARGE_TIME_GOAL = 1.05  # the step-time goal at the Pythia architectures (160M and up)
 
 
 # --------------------------------------------------------------------------- one measurement (subprocess)
@@ -124,6 +127,7 @@ def make_batch(n: int, length: int, vocab: int, device):
         mask = torch.zeros(n, length, dtype=torch.int64)
         mask[:, length // 2:] = 1
         out[f"{side}_loss_mask"] = mask
+    out["rejected_input_ids"][:, :length // 2] = out["chosen_input_ids"][:, :length // 2]  # one prompt a pair
     out["confidence"] = torch.ones(n)
     assert set(PAIR_TENSORS) <= set(out)
     return {k: v.to(device) for k, v in out.items()}
@@ -187,7 +191,7 @@ def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype
         sync()
         t1 = time.perf_counter()
         with autocast():
-            pol_c, pol_r = pair_logprobs(model, data)
+            pol_c, pol_r = pair_logprobs(model, data, share_prompt=mode == "nonprivate")  # as the loop does
         per_pair = dpo_loss("sigmoid", implicit_reward_margin(pol_c, pol_r, ref_c, ref_r), 0.1)
         backward_and_step(per_pair)
         sync()
@@ -285,11 +289,12 @@ def report(model: str, batch: int, length: int, t: dict, mem: dict) -> None:
     mem_ratio = dp["delta_mib"] / max(np_["delta_mib"], 1e-9)
     total_ratio = dp["peak_mib"] / np_["peak_mib"]
     ok = lambda r, goal: "meets" if r <= goal else "MISSES"  # noqa: E731
+    goal = TIME_GOAL if model == "tiny" else LARGE_TIME_GOAL
     print(f"\n== {model} on {dp['device']}: {batch} pairs x 2 rows x {length} tokens, "
           f"{dp['trainable']:,} trainable / {dp['total_params']:,} parameters")
     print(f"  step time (median)       non-private {t['nonprivate']['step_s'] * 1e3:9.1f} ms  "
           f"dp-sgd {t['dpsgd']['step_s'] * 1e3:9.1f} ms  ratio {time_ratio:.3f}  "
-          f"(goal <= {TIME_GOAL}: {ok(time_ratio, TIME_GOAL)}; median per-step ratio {t['per_step_ratio']:.3f})")
+          f"(goal <= {goal}: {ok(time_ratio, goal)}; median per-step ratio {t['per_step_ratio']:.3f})")
     print(f"  policy part (no ref fwd) non-private {t['nonprivate']['policy_s'] * 1e3:9.1f} ms  "
           f"dp-sgd {t['dpsgd']['policy_s'] * 1e3:9.1f} ms  ratio {policy_ratio:.3f}")
     print(f"  peak memory above start  non-private {np_['delta_mib']:9.1f} MiB dp-sgd {dp['delta_mib']:9.1f} MiB "
@@ -314,6 +319,9 @@ def main(argv=None) -> None:
                     help="precision of the frozen base weights (the LoRA adapters stay float32)")
     ap.add_argument("--large-on-cpu", action="store_true",
                     help="also run the Pythia-410m-architecture model without CUDA (slow)")
+    ap.add_argument("--model", action="append", choices=["tiny", *PYTHIA],
+                    help="run only this model (repeatable); a Pythia architecture on a CPU defaults to a short "
+                         "run (2 pairs x 64 tokens, 3 steps after 1 warm-up: set --batch, --length, --steps)")
     args = ap.parse_args(argv)
     if args.child:
         import torch
@@ -332,7 +340,12 @@ def main(argv=None) -> None:
 
     cuda = torch.cuda.is_available()
     runs = [("tiny", args.batch or 32, args.length or 16, args.steps, args.warmup)]
-    if cuda:
+    if args.model:
+        runs = [r for r in runs if r[0] in args.model] + [
+            (m, args.batch or 8, args.length or 256, args.steps, args.warmup) if cuda
+            else (m, args.batch or 2, args.length or 64, min(args.steps, 3), 1)
+            for m in dict.fromkeys(args.model) if m != "tiny"]
+    elif cuda:
         runs += [(m, args.batch or 8, args.length or 256, args.steps, args.warmup)
                  for m in ("pythia-160m-arch", "pythia-410m-arch")]
     elif args.large_on_cpu:  # seconds per step on a CPU: a short run

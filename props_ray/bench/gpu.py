@@ -15,13 +15,16 @@ adapters stay float32), to measure what that would gain.
 
 Per mode it reports step time, pairs/s, tokens/s (2 rows x ``length`` tokens a
 pair) and peak memory, plus the DP-SGD/non-private step-time ratio. MFU is model
-FLOPs per step / step time / the GPU's dense bf16 peak. Model FLOPs count three
-forward passes' worth per token: the reference forward, the policy forward, and
-the policy backward to the activations (the frozen base needs no weight
-gradients; LoRA's are negligible). A forward is ``2 x matmul weights + 4 x layers
-x length x hidden`` FLOPs per token (PaLM's convention, causal masking not
-halved). DP-SGD's extra work is overhead, not model FLOPs, so both modes count
-the same.
+FLOPs per step / step time / the GPU's dense bf16 peak. Model FLOPs count what the
+step computes: the reference forward, the policy forward, and the policy backward to
+the activations (the frozen base needs no weight gradients; LoRA's are negligible),
+over the tokens each runs (one row per pair with the prompt once, or 2B rows under
+DP-SGD: ``props_ray.dpo.logprobs``) and the positions the LM head projects. A forward
+is ``2 x block weights + 4 x layers x row length x hidden`` FLOPs per token (PaLM's
+convention, causal masking not halved) plus ``2 x hidden x vocab`` per projected
+position. DP-SGD's extra work (per-pair samples, clipping, noise) is overhead, not
+model FLOPs. A change that removes work lowers the FLOPs of a step, so compare
+pairs/s across changes, MFU within one.
 """
 
 from __future__ import annotations
@@ -47,13 +50,31 @@ def matmul_weights(config) -> int:
     return layers * (4 * d * d + 2 * d * mlp) + d * vocab
 
 
-def forward_flops_per_token(config, length: int) -> int:
-    return 2 * matmul_weights(config) + 4 * config.num_hidden_layers * length * config.hidden_size
+def forward_flops(config, rows: int, row_length: int, head_positions: int) -> int:
+    """One forward: ``2 x block weights + 4 x layers x row_length x hidden`` FLOPs per token through the
+    blocks, and ``2 x hidden x vocab`` per position the LM head projects."""
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    blocks = matmul_weights(config) - d * vocab
+    return rows * row_length * (2 * blocks + 4 * layers * row_length * d) + 2 * d * vocab * head_positions
 
 
-def step_flops(config, pairs: int, length: int) -> int:
-    """Model FLOPs of one DPO step (see the module docstring): three forwards' worth over 2 x pairs rows."""
-    return 3 * forward_flops_per_token(config, length) * 2 * pairs * length
+def layout_forward_flops(config, pairs: int, length: int, shared_prompt: bool) -> int:
+    """A forward over ``pairs`` pairs of rows of ``length`` tokens, the first half the prompt (the bench's
+    batch): 2B rows, or one row per pair with the prompt once (``pair_logprobs``); the head projects
+    the positions that predict a response token."""
+    prompt = length // 2
+    response = length - prompt
+    if shared_prompt:
+        return forward_flops(config, pairs, prompt + 2 * response, pairs * (2 * response + 1))
+    return forward_flops(config, 2 * pairs, length, 2 * pairs * (response + 1))
+
+
+def step_flops(config, pairs: int, length: int, mode: str) -> int:
+    """Model FLOPs of one DPO step (see the module docstring): the reference forward (prompt shared), and
+    the policy's forward and backward to the activations, prompt shared in the non-private step and
+    2B rows under DP-SGD."""
+    policy = layout_forward_flops(config, pairs, length, shared_prompt=mode == "nonprivate")
+    return layout_forward_flops(config, pairs, length, shared_prompt=True) + 2 * policy
 
 
 def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
@@ -92,7 +113,7 @@ def measure(model: str = "pythia-1b-arch", batch: int = 8, length: int = 512, st
         config = dp_overhead.pythia_config(model)
     else:
         config = dp_overhead.build_model(model)[0].base_model.model.config
-    flops = step_flops(config, batch, length)
+    flops = {m: step_flops(config, batch, length, m) for m in ("nonprivate", "dpsgd")}
     measured = matmul_tflops() if torch.cuda.is_available() else None
     out = {"model": model, "device": device_name, "dtype": dtype, "weights": weights, "pairs_per_step": batch,
            "tokens_per_row": length, "measured_matmul_tflops": measured,
@@ -101,8 +122,8 @@ def measure(model: str = "pythia-1b-arch", batch: int = 8, length: int = 512, st
     for m in ("nonprivate", "dpsgd"):
         s = t[m]["step_s"]
         out[m] = {"step_ms": s * 1e3, "pairs_per_s": batch / s, "tokens_per_s": 2 * batch * length / s,
-                  "mfu": flops / s / (peak * 1e12) if peak else None,
-                  "of_measured_matmul": flops / s / (measured * 1e12) if measured else None,
+                  "mfu": flops[m] / s / (peak * 1e12) if peak else None,
+                  "of_measured_matmul": flops[m] / s / (measured * 1e12) if measured else None,
                   "peak_memory_mib": mem[m]["peak_mib"]}
     return out
 

@@ -36,6 +36,9 @@ class PairGradSampleModule(GradSampleModule):
     ``save_policy`` saves; the ``Reference`` is built on the policy before it is wrapped).
     """
 
+    #: its forward must be the 2B-row layout (``pair_logprobs`` refuses ``share_prompt`` on it)
+    pair_rows = True
+
     def __init__(self, module: torch.nn.Module, strict: bool = True):
         super().__init__(module, batch_first=True, loss_reduction="sum", strict=strict)
         # Per instance: Opacus's class-level table stays untouched for anyone else using it.
@@ -77,6 +80,9 @@ class PairGradSampleModule(GradSampleModule):
 class RowGradSampleModule(GradSampleModule):
     """Opacus's own per-row samples (hooks mode, summed loss): the privacy unit is one row, e.g. one
     prompt's rollout in DP-PPO, where a row's loss (policy and value terms) depends on that row alone."""
+
+    #: its forward must be the 2B-row layout (``pair_logprobs`` refuses ``share_prompt`` on it)
+    pair_rows = True
 
     def __init__(self, module: torch.nn.Module, strict: bool = True):
         super().__init__(module, batch_first=True, loss_reduction="sum", strict=strict)

@@ -25,12 +25,13 @@ UNITS = {"dpo": ("pair", None), "bradley_terry": ("pair", None),
 class DPO:
     has_margin = True
 
-    def __init__(self, reference, loss: str, beta: float, flip_rate: float | None):
+    def __init__(self, reference, loss: str, beta: float, flip_rate: float | None, share_prompt: bool = True):
         self.reference, self.loss, self.beta, self.flip_rate = reference, loss, beta, flip_rate
+        self.share_prompt = share_prompt  # one row per pair; DP-SGD's per-pair samples need 2B rows
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         ref_c, ref_r = self.reference.pair_logprobs(batch)
-        pol_c, pol_r = pair_logprobs(model, batch)
+        pol_c, pol_r = pair_logprobs(model, batch, share_prompt=self.share_prompt)
         margin = implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
         per_pair = dpo_loss(self.loss, margin, self.beta, flip_rate=self.flip_rate, confidence=batch.get("confidence"))
         return per_pair, self.beta * margin
@@ -73,4 +74,5 @@ def build(objective: str, cfg, base_path: str, adapter: str | None, device, loop
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     policy = build_policy(base_path, cfg.model, adapter_path=adapter, device=device)
     reference = Reference.for_policy(policy, cfg.model, base_path, device)
-    return policy, DPO(reference, loop_config["loss"], cfg.train.beta, loop_config.get("flip_rate"))
+    return policy, DPO(reference, loop_config["loss"], cfg.train.beta, loop_config.get("flip_rate"),
+                       share_prompt=loop_config.get("engine") != "dpsgd")

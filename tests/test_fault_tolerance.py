@@ -130,7 +130,9 @@ def mlflow_server(tmp_path):
                 time.sleep(0.5)
         raise RuntimeError("mlflow server did not start within 5 minutes")
     wait_up()
-    yield {"uri": uri, "proc": proc, "tmp": tmp_path, "port": port}
+    server = {"uri": uri, "proc": proc, "tmp": tmp_path, "port": port}
+    yield server
+    proc = server["proc"]  # a test that restarts the server puts the new process here
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

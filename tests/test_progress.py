@@ -51,6 +51,7 @@ def _run_cli(tmp_path, *args):
                    "methods: [{method: nonprivate}, {method: props, rule: mle}]\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the job's own store (sqlite in tmp_path), whatever ran before
     return subprocess.run([sys.executable, "-m", "props_ray.cli", *args, "run", str(job)], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=900)
 

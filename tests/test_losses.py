@@ -132,24 +132,36 @@ def _full_logits_logprobs(model, ids, att, mask):
     return (logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(-1)
 
 
-@pytest.mark.parametrize("prompt_lengths", [(3, 5, 1, 7), (4, 4, 4, 4), (0, 2, 6, 3)])
-def test_response_window_logprobs_match_full_logits_values_and_gradients(tmp_path, prompt_lengths):
-    """The forward cut at the last real token and the head run from the first response token give the
-    same sums and the same LoRA gradients as full-length logits, whatever the prompts' lengths and padding."""
+def _tiny_lora_policy(tmp_path, perturb: bool = True):
+    """The embedded tiny model with LoRA in float64, seeded (weights and adapters do not depend on the
+    tests that ran before), its adapters moved off zero so their gradients are not trivial; and the
+    tokenizer."""
     from props_ray.config import ModelConfig
-    from props_ray.dpo.logprobs import response_window, sequence_logprobs
     from props_ray.embedded.model import build_tiny_model, build_tokenizer
     from props_ray.embedded.task import EmbeddedTask
     from props_ray.modeling import build_policy
 
     tok = build_tokenizer(EmbeddedTask())
-    build_tiny_model(len(tok), 32, 2, 2).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    policy = build_policy(str(tmp_path), ModelConfig())
-    with torch.no_grad():  # adapters away from zero, so their gradients are not trivial
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        build_tiny_model(len(tok), 32, 2, 2).save_pretrained(tmp_path)
+        tok.save_pretrained(tmp_path)
+        policy = build_policy(str(tmp_path), ModelConfig()).double()
+        if perturb:
+            with torch.no_grad():
+                for n, p in policy.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1)
+    return policy, tok
+
+
+@pytest.mark.parametrize("prompt_lengths", [(3, 5, 1, 7), (4, 4, 4, 4), (0, 2, 6, 3)])
+def test_response_window_logprobs_match_full_logits_values_and_gradients(tmp_path, prompt_lengths):
+    """The forward cut at the last real token and the head run from the first response token give the
+    same sums and the same LoRA gradients as full-length logits, whatever the prompts' lengths and padding."""
+    from props_ray.dpo.logprobs import response_window, sequence_logprobs
+
+    policy, tok = _tiny_lora_policy(tmp_path)
     g = torch.Generator().manual_seed(0)
     length, n = 16, len(prompt_lengths)
     ids = torch.randint(3, len(tok), (n, length), generator=g)
@@ -172,10 +184,10 @@ def test_response_window_logprobs_match_full_logits_values_and_gradients(tmp_pat
 
     got, got_grads = grads(sequence_logprobs)
     want, want_grads = grads(_full_logits_logprobs)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)  # float64: layout, not rounding
     assert want_grads and want_grads.keys() == got_grads.keys()
     for k in want_grads:
-        torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-7, atol=1e-10)
 
 
 def _pairs_with_shared_prompts(vocab: int, pad: int, prompt_lengths, seed: int = 0):
@@ -204,24 +216,13 @@ def _pairs_with_shared_prompts(vocab: int, pad: int, prompt_lengths, seed: int =
 def test_shared_prompt_layout_matches_full_logits_values_and_gradients(tmp_path, prompt_lengths, attention):
     """One row per pair (prompt once, then both responses kept apart by the mask) gives the log-probs
     and LoRA gradients of full-length logits over 2B rows."""
-    from props_ray.config import ModelConfig
     from props_ray.dpo.logprobs import pair_logprobs, shared_prefix
-    from props_ray.embedded.model import build_tiny_model, build_tokenizer
-    from props_ray.embedded.task import EmbeddedTask
-    from props_ray.modeling import build_policy
 
-    tok = build_tokenizer(EmbeddedTask())
-    build_tiny_model(len(tok), 32, 2, 2).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    policy = build_policy(str(tmp_path), ModelConfig()).double()  # float64: differences are layout, not rounding
+    policy, tok = _tiny_lora_policy(tmp_path)  # float64: differences are layout, not rounding
     policy.base_model.model.set_attn_implementation(attention)
     assert policy.config._attn_implementation == attention
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
     batch = _pairs_with_shared_prompts(len(tok), tok.pad_token_id, prompt_lengths)
-    assert shared_prefix(batch) == min(prompt_lengths)
+    assert shared_prefix(batch)[0] == min(prompt_lengths)
 
     def grads(fn):
         policy.zero_grad()
@@ -247,20 +248,13 @@ def test_shared_prompt_layout_matches_full_logits_values_and_gradients(tmp_path,
 def test_shared_prompt_falls_back_to_rows_and_is_refused_under_dp_sgd(tmp_path):
     """Pairs whose rows differ in their first column take the 2B-row layout (same values); a per-pair
     DP-SGD module refuses the shared layout, whose B rows would break its per-pair samples."""
-    from props_ray.config import ModelConfig
     from props_ray.dpo.logprobs import pair_logprobs, shared_prefix
     from props_ray.dpsgd.grad_sample import PairGradSampleModule
-    from props_ray.embedded.model import build_tiny_model, build_tokenizer
-    from props_ray.embedded.task import EmbeddedTask
-    from props_ray.modeling import build_policy
 
-    tok = build_tokenizer(EmbeddedTask())
-    build_tiny_model(len(tok), 32, 2, 2).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    policy = build_policy(str(tmp_path), ModelConfig())
+    policy, tok = _tiny_lora_policy(tmp_path, perturb=False)
     batch = _pairs_with_shared_prompts(len(tok), tok.pad_token_id, (3, 4))
     batch["rejected_input_ids"][0, 0] = batch["chosen_input_ids"][0, 0] + 1
-    assert shared_prefix(batch) == 0
+    assert shared_prefix(batch) is None
     with torch.no_grad():
         torch.testing.assert_close(pair_logprobs(policy, batch, share_prompt=True), pair_logprobs(policy, batch))
     with pytest.raises(ValueError, match="2B-row layout"):

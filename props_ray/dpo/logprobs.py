@@ -49,31 +49,34 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return _summed(logits, input_ids[:, start:end], loss_mask[:, start:end])
 
 
+def _unwrapped(model):
+    return getattr(model, "module", model)  # DDP's (and Opacus's) wrapped module
+
+
 def _attention_implementation(model) -> str | None:
-    inner = getattr(model, "module", model)  # DDP
-    config = getattr(inner, "config", None)
-    return getattr(config, "_attn_implementation", None)
+    return getattr(getattr(_unwrapped(model), "config", None), "_attn_implementation", None)
 
 
-def shared_prefix(batch: dict[str, torch.Tensor]) -> int:
-    """How many leading columns the chosen and rejected rows of every pair share (same tokens, all
-    real) up to the first response token; 0 if the shared-prompt layout cannot be used."""
+def shared_prefix(batch: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """The batch's :func:`response_window` ``(start, end)`` when the chosen and rejected rows of every
+    pair agree on their first ``start`` columns (same tokens, all real), else None: the shared-prompt
+    layout cannot be used."""
     att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    start, _ = response_window(att, torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]))
+    start, end = response_window(att, torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]))
     ids_c, ids_r = batch["chosen_input_ids"][:, :start], batch["rejected_input_ids"][:, :start]
-    if start < 1 or not torch.equal(ids_c, ids_r) or not bool(att[:, :start].all()):
-        return 0
-    return start
+    if not torch.equal(ids_c, ids_r) or not bool(att[:, :start].all()):
+        return None
+    return start, end
 
 
-def shared_prompt_logprobs(model, batch: dict[str, torch.Tensor], prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) log-probs from one row per pair: the ``prefix`` shared columns, then the
-    chosen row's columns ``prefix .. end - 1``, then the rejected row's. A response's tokens see the
-    prefix and their own response only, at the positions they have in their own row."""
-    c = prefix
+def shared_prompt_logprobs(model, batch: dict[str, torch.Tensor], window: tuple[int, int]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs from one row per pair: the shared columns ``0 .. c - 1``, then the
+    chosen row's columns ``c .. end - 1``, then the rejected row's (``window`` = (c, end), from
+    :func:`shared_prefix`). A response's tokens see the prefix and their own response only, at the
+    positions they have in their own row."""
+    c, end = window
     att_c, att_r = batch["chosen_attention_mask"], batch["rejected_attention_mask"]
-    _, end = response_window(torch.cat([att_c, att_r]), torch.cat([batch["chosen_loss_mask"],
-                                                                   batch["rejected_loss_mask"]]))
     w = end - c
     ids_c, ids_r = batch["chosen_input_ids"], batch["rejected_input_ids"]
     ids = torch.cat([ids_c[:, :end], ids_r[:, c:end]], 1)
@@ -105,11 +108,11 @@ def pair_logprobs(model, batch: dict[str, torch.Tensor],
     attention takes a custom mask (SDPA or eager); otherwise, and by default, 2B rows (rows 0..B-1
     the chosen sequences), the layout DP-SGD's per-pair samples need."""
     if share_prompt:
-        if getattr(model, "pair_rows", False) or getattr(getattr(model, "module", None), "pair_rows", False):
+        if getattr(model, "pair_rows", False) or getattr(_unwrapped(model), "pair_rows", False):
             raise ValueError("share_prompt: DP-SGD's per-pair samples need the 2B-row layout")
-        prefix = shared_prefix(batch) if _attention_implementation(model) in ("sdpa", "eager") else 0
-        if prefix:
-            return shared_prompt_logprobs(model, batch, prefix)
+        window = shared_prefix(batch) if _attention_implementation(model) in ("sdpa", "eager") else None
+        if window:
+            return shared_prompt_logprobs(model, batch, window)
     n = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])

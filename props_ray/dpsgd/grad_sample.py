@@ -81,9 +81,6 @@ class RowGradSampleModule(GradSampleModule):
     """Opacus's own per-row samples (hooks mode, summed loss): the privacy unit is one row, e.g. one
     prompt's rollout in DP-PPO, where a row's loss (policy and value terms) depends on that row alone."""
 
-    #: its forward must be the 2B-row layout (``pair_logprobs`` refuses ``share_prompt`` on it)
-    pair_rows = True
-
     def __init__(self, module: torch.nn.Module, strict: bool = True):
         super().__init__(module, batch_first=True, loss_reduction="sum", strict=strict)
 

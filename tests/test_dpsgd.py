@@ -1,7 +1,7 @@
 """DP-SGD DPO (props_ray.dpsgd): per-pair clipping, noise once per step, Poisson sampling, Ray Train.
 
-1. per-pair clipped sums equal a torch.func reference (GPT-NeoX and GPT-2 LoRA),
-   and per-row clipping does not;
+1. per-pair clipped sums equal a torch.func reference (GPT-NeoX and GPT-2 LoRA), in both pair
+   layouts (one row per pair with the prompt shared, and 2B rows), and per-row clipping does not;
 2. (accounting: tests/test_accounting.py);
 3./5. a real two-worker Ray Train run through the project's training loop: replicas
    stay identical, empty local Poisson batches neither hang nor desync, and a
@@ -86,9 +86,9 @@ def make_pairs(n: int, seed: int, easy: bool = False) -> dict[str, torch.Tensor]
     return out
 
 
-def dpo_per_pair(model, reference: Reference, batch) -> torch.Tensor:
+def dpo_per_pair(model, reference: Reference, batch, share_prompt: bool = False) -> torch.Tensor:
     ref_c, ref_r = reference.pair_logprobs(batch)
-    pol_c, pol_r = pair_logprobs(model, batch)
+    pol_c, pol_r = pair_logprobs(model, batch, share_prompt=share_prompt)
     return dpo_loss("sigmoid", implicit_reward_margin(pol_c, pol_r, ref_c, ref_r), BETA)
 
 
@@ -132,10 +132,21 @@ def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 # --------------------------------------------------------------------------- 1. per-pair clipping
 
+@pytest.mark.parametrize("layout", ["shared", "rows", "fallback"])
 @pytest.mark.parametrize("kind", ["gpt_neox", "gpt2"])
-def test_per_pair_clipped_sum_matches_torch_func(kind):
+def test_per_pair_clipped_sum_matches_torch_func(kind, layout):
+    """``shared``: one row per pair (what DPO runs); ``rows``: 2B rows; ``fallback``: the shared layout
+    asked for, but one pair's rows differ in their first token, so the batch takes 2B rows."""
+    from props_ray.dpo.logprobs import shared_prefix
+
     policy = tiny_lora(kind, seed=1, dtype=torch.float64)
     batch = make_pairs(6, seed=2)
+    if layout == "fallback":
+        batch["rejected_input_ids"][3, 0] = 3 if int(batch["chosen_input_ids"][3, 0]) == 2 else 2
+        assert shared_prefix(batch) is None
+    else:
+        assert shared_prefix(batch) is not None
+    share = layout != "rows"
     reference = Reference(policy)
     ref_c, ref_r = reference.pair_logprobs(batch)
     per_pair = functorch_per_pair_grads(policy, batch, ref_c, ref_r)
@@ -151,18 +162,20 @@ def test_per_pair_clipped_sum_matches_torch_func(kind):
     for c in (1e6, small_c):
         engine.max_grad_norm = optimizer.max_grad_norm = c
         optimizer.zero_grad()
-        engine.backward(dpo_per_pair(model, reference, batch))  # the engine's own path: fold, clip, sum
+        engine.backward(dpo_per_pair(model, reference, batch, share))  # the engine's own path: clip, sum
         got = {names[id(p)]: p.summed_grad.detach().clone() for p in optimizer.params}
         want, _ = clipped_sum(per_pair, c)
         assert rel_diff(got, want) < 1e-6, (kind, c)
         assert all(p.grad is None and p.grad_sample is None for p in optimizer.params)
     assert (pair_norms > small_c).sum() >= 3  # the second round really clipped
 
-    # The samples really are per pair: B of them for the 2B-row forward.
+    # The samples really are per pair: B of them, for a forward of B rows or of 2B rows.
     optimizer.zero_grad()
-    dpo_per_pair(model, reference, batch).sum().backward()
+    dpo_per_pair(model, reference, batch, share).sum().backward()
     assert {p.grad_sample.shape[0] for p in optimizer.params} == {6}
     optimizer.zero_grad()
+    if layout != "rows":
+        return
 
     # Control: clipping the chosen and the rejected row of a pair separately must NOT match. Per-row
     # samples from stock Opacus on an identical policy (same seed).
@@ -207,27 +220,73 @@ def test_per_pair_samples_of_every_layer_type_match_torch_func():
         assert torch.allclose(p.grad_sample, want[n], atol=1e-10), n
 
 
+def test_a_layer_used_twice_in_one_forward_sums_its_samples_and_backward_passes_stack():
+    """A linear layer applied twice in one forward (tied weights): its per-pair sample is the sum over
+    both uses, against vmap(grad); a second forward and backward before clearing adds B more samples
+    (Opacus's list), not a sum into the first ones. Both layouts."""
+    from props_ray.dpsgd.grad_sample import PairGradSampleModule, per_pair_grad_sample
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4).double()
+    b, t = 3, 5
+
+    def rows_out(module, x):
+        return module(torch.tanh(module(x))).sum(dim=(1, 2))  # rows 0..b-1 chosen, b..2b-1 rejected
+
+    def pair_loss(params, chosen, rejected):
+        rows = functional_call(lin, params, (torch.stack([chosen, rejected]),))
+        rows = functional_call(lin, params, (torch.tanh(rows),)).sum(dim=(1, 2))
+        return torch.nn.functional.logsigmoid(rows[0] - rows[1]).neg()
+
+    x = torch.randn(2 * b, t, 4, dtype=torch.float64)
+    params = {n: p.detach() for n, p in lin.named_parameters()}
+    want = vmap(grad(pair_loss), in_dims=(None, 0, 0))(params, x[:b], x[b:])
+    model = PairGradSampleModule(lin)
+    for rows_per_pair in (2, 1):
+        model.rows_per_pair = rows_per_pair
+        for _ in range(2):
+            if rows_per_pair == 2:
+                out = rows_out(model, x)
+                chosen, rejected = out[:b], out[b:]
+            else:  # one row per pair: the pair's two sequences side by side in one row (no mixing here)
+                out = model(torch.tanh(model(torch.cat([x[:b], x[b:]], 1))))
+                chosen, rejected = out[:, :t].sum(dim=(1, 2)), out[:, t:].sum(dim=(1, 2))
+            torch.nn.functional.logsigmoid(chosen - rejected).neg().sum().backward()
+        for n, p in lin.named_parameters():
+            got = per_pair_grad_sample(p)
+            assert got.shape == (2 * b, *p.shape), n
+            assert torch.allclose(got[:b], want[n], atol=1e-10) and torch.allclose(got[b:], want[n], atol=1e-10), n
+            p.grad_sample = None
+        model.rows_per_pair = 2
+
+
 def test_under_autocast_linear_activations_are_kept_in_the_low_precision_with_the_same_samples(monkeypatch):
     """bf16 autocast (CPU here, CUDA in jobs): the hook keeps a linear layer's input in bf16, and the per-pair
     samples equal those from float32-kept activations exactly (the sampler casts them to bf16 anyway)."""
-    from opacus import GradSampleModule
-
+    from props_ray.dpsgd import grad_sample
     from props_ray.dpsgd.grad_sample import PairGradSampleModule
 
     def samples(keep_low: bool):
         policy = tiny_lora("gpt_neox", seed=3)
-        if not keep_low:  # Opacus's own capture: the float32 input as it came (hooks bind on wrapping)
-            monkeypatch.setattr(PairGradSampleModule, "capture_activations_hook",
-                                GradSampleModule.capture_activations_hook)
+        if not keep_low:  # the input as it came: float32
+            monkeypatch.setattr(PairGradSampleModule, "kept_activations", staticmethod(lambda module, x: x))
         model = PairGradSampleModule(policy)
-        seen = []
+        seen = []  # the dtype of what the backward receives as lora_A's input
         lora_a = next(m for n, m in policy.named_modules() if n.endswith("lora_A.default"))
-        lora_a.register_forward_hook(lambda m, i, o: seen.append(m.activations[-1][0].dtype), prepend=False)
+        real = grad_sample.pair_linear_grad_sample
+
+        def recording(layer, activations, *args):
+            if layer is lora_a:
+                seen.append(activations[0].dtype)
+            return real(layer, activations, *args)
+
+        monkeypatch.setattr(grad_sample, "pair_linear_grad_sample", recording)
         batch = make_pairs(4, seed=5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             per_pair = dpo_per_pair(model, Reference(policy), batch)
         per_pair.sum().backward()
         monkeypatch.undo()
+        assert seen
         return {n: p.grad_sample.clone() for n, p in trainable(policy).items()}, seen
 
     low, low_dtypes = samples(keep_low=True)

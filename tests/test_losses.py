@@ -245,11 +245,10 @@ def test_shared_prompt_layout_matches_full_logits_values_and_gradients(tmp_path,
         assert (got_grads[k] - want_grads[k]).norm() <= 100 * tol * want_grads[k].norm(), k
 
 
-def test_shared_prompt_falls_back_to_rows_and_is_refused_under_dp_sgd(tmp_path):
-    """Pairs whose rows differ in their first column take the 2B-row layout (same values); a per-pair
-    DP-SGD module refuses the shared layout, whose B rows would break its per-pair samples."""
+def test_shared_prompt_falls_back_to_rows(tmp_path):
+    """Pairs whose rows differ in their first column take the 2B-row layout (same values). (DP-SGD's
+    per-pair samples in both layouts: tests/test_dpsgd.py.)"""
     from props_ray.dpo.logprobs import pair_logprobs, shared_prefix
-    from props_ray.dpsgd.grad_sample import PairGradSampleModule
 
     policy, tok = _tiny_lora_policy(tmp_path, perturb=False)
     batch = _pairs_with_shared_prompts(len(tok), tok.pad_token_id, (3, 4))
@@ -257,5 +256,3 @@ def test_shared_prompt_falls_back_to_rows_and_is_refused_under_dp_sgd(tmp_path):
     assert shared_prefix(batch) is None
     with torch.no_grad():
         torch.testing.assert_close(pair_logprobs(policy, batch, share_prompt=True), pair_logprobs(policy, batch))
-    with pytest.raises(ValueError, match="2B-row layout"):
-        pair_logprobs(PairGradSampleModule(policy), batch, share_prompt=True)

@@ -191,7 +191,7 @@ def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype
         sync()
         t1 = time.perf_counter()
         with autocast():
-            pol_c, pol_r = pair_logprobs(model, data, share_prompt=mode == "nonprivate")  # as the loop does
+            pol_c, pol_r = pair_logprobs(model, data, share_prompt=True)  # as the loop does
         per_pair = dpo_loss("sigmoid", implicit_reward_margin(pol_c, pol_r, ref_c, ref_r), 0.1)
         backward_and_step(per_pair)
         sync()

@@ -2,19 +2,22 @@
 
 Two layouts for a batch of B pairs:
 
-- rows (:func:`sequence_logprobs`): one forward of 2B rows, the chosen sequences first. DP-SGD uses
-  this one: its per-pair gradient samples sum rows i and B + i
-  (:mod:`props_ray.dpsgd.grad_sample`).
+- rows (:func:`sequence_logprobs`): one forward of 2B rows, the chosen sequences first.
 - shared prompt (:func:`shared_prompt_logprobs`): one row per pair, ``prompt + chosen + rejected``,
   under an attention mask that keeps the two responses apart and restarts the rejected response's
   positions where the chosen one's began. The prompt runs once instead of twice: a quarter fewer
   tokens when prompt and response are equally long. The sums are the same as the rows layout's.
+
+Both give DP-SGD per-pair gradient samples (:mod:`props_ray.dpsgd.grad_sample`): a model that keeps
+``rows_per_pair`` is told which layout its forward runs.
 
 In both, the forward stops at the batch's last real token and the LM head runs only where a response
 token is predicted (``logits_to_keep``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -51,6 +54,21 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 def _unwrapped(model):
     return getattr(model, "module", model)  # DDP's (and Opacus's) wrapped module
+
+
+@contextlib.contextmanager
+def _one_row_per_pair(model):
+    """Tells a per-pair gradient sampler (DP-SGD's), if the model is one, that this forward has one row
+    per pair."""
+    sampler = next((m for m in (model, _unwrapped(model)) if hasattr(m, "rows_per_pair")), None)
+    if sampler is None:
+        yield
+        return
+    before, sampler.rows_per_pair = sampler.rows_per_pair, 1
+    try:
+        yield
+    finally:
+        sampler.rows_per_pair = before
 
 
 def _attention_implementation(model) -> str | None:
@@ -91,8 +109,9 @@ def shared_prompt_logprobs(model, batch: dict[str, torch.Tensor], window: tuple[
     if _attention_implementation(model) == "eager":  # an additive mask; SDPA takes the boolean one
         dtype = next(p for p in model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=ids.device).masked_fill(~mask, torch.finfo(dtype).min)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions[None].expand(ids.shape[0], -1),
-                   logits_to_keep=length - c + 1, use_cache=False).logits  # positions c-1 .. length-1
+    with _one_row_per_pair(model):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions[None].expand(ids.shape[0], -1),
+                       logits_to_keep=length - c + 1, use_cache=False).logits  # positions c-1 .. length-1
     # The last prompt position predicts both responses' first token.
     chosen = _summed(logits[:, :w], ids_c[:, c:end], batch["chosen_loss_mask"][:, c:end])
     rejected = _summed(torch.cat([logits[:, :1], logits[:, w + 1:2 * w]], 1), ids_r[:, c:end],
@@ -106,10 +125,8 @@ def pair_logprobs(model, batch: dict[str, torch.Tensor],
 
     ``share_prompt``: one row per pair when the pairs' rows share their prompt and the model's
     attention takes a custom mask (SDPA or eager); otherwise, and by default, 2B rows (rows 0..B-1
-    the chosen sequences), the layout DP-SGD's per-pair samples need."""
+    the chosen sequences)."""
     if share_prompt:
-        if getattr(model, "pair_rows", False) or getattr(_unwrapped(model), "pair_rows", False):
-            raise ValueError("share_prompt: DP-SGD's per-pair samples need the 2B-row layout")
         window = shared_prefix(batch) if _attention_implementation(model) in ("sdpa", "eager") else None
         if window:
             return shared_prompt_logprobs(model, batch, window)

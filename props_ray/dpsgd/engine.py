@@ -3,8 +3,8 @@
 Where each part of the mechanism lives:
 
 - **per-pair gradients and clipping** (:mod:`props_ray.dpsgd.grad_sample`):
-  Opacus's hooks give per-pair gradient samples of the 2B-row pair forward
-  (rows i and B+i summed in the hook);
+  per-layer hooks give per-pair gradient samples of the pair forward, one row
+  per pair (the prompt shared) or 2B rows (rows i and B+i summed in the hook);
   :class:`PairDPOptimizer.clip_and_accumulate` clips each pair's whole gradient
   to C once, after every physical batch (so per-sample memory is bounded by
   the physical batch).
@@ -33,7 +33,6 @@ so the loop does not log them for this engine (``logs_batch_statistics``).
 from __future__ import annotations
 
 import hashlib
-import warnings
 from typing import Iterator
 
 import numpy as np
@@ -44,11 +43,6 @@ from props_ray.dpsgd.grad_sample import PairGradSampleModule, RowGradSampleModul
 from props_ray.dpsgd.sampler import PoissonSampler, materialize_shard, physical_batches, sampling_generator, shard_size
 from props_ray.privacy.accounting import PrivacyConfigError, StagedAccountant, resolve_delta
 from props_ray.privacy.randomness import csprng_normal
-
-
-# Opacus's hooks on the first LoRA layers see inputs that need no gradient (frozen embeddings): expected.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
-                        "to module outputs since no inputs require gradients")
 
 
 def _dist() -> tuple[int, int]:
@@ -290,12 +284,12 @@ class DPSGDEngine:
             yield physical_batches(self.tensors, idx, self.physical_batch_size, device)
 
     def backward(self, per_pair_loss: torch.Tensor) -> None:
-        """Back-propagate one physical batch, then clip and accumulate its per-pair gradients."""
-        per_pair_loss.sum().backward()
+        """Back-propagate one physical batch (to the per-sample hooks only: no summed ``p.grad``), then
+        clip and accumulate its per-pair gradients."""
+        self.model.backward(per_pair_loss.sum())
         self.optimizer.clip_and_accumulate()
         for p in self.optimizer.params:
             p.grad_sample = None
-            p.grad = None  # the non-private summed gradient autograd also wrote: never used
 
     def step(self, model, optimizer) -> None:
         optimizer.step()

@@ -1,124 +1,189 @@
 """Per-*pair* gradient samples for DPO under Opacus.
 
 The privacy unit is one preference pair: prompt, both responses and the label.
-:func:`props_ray.dpo.logprobs.pair_logprobs` runs a batch of B pairs as ONE
-forward of 2B rows (rows 0..B-1 the chosen sequences, rows B..2B-1 the rejected
-ones). Rows never interact in a causal LM forward (no batch norm, attention is
-within a row), and the per-pair loss depends on row i and row B+i only, so the
-gradient of pair i's loss is exactly the sum of the per-row gradients of rows i
-and B+i.
+:func:`props_ray.dpo.logprobs.pair_logprobs` runs a batch of B pairs in one of two layouts:
 
-:class:`PairGradSampleModule` computes those per-pair samples directly in
-Opacus's backward hooks: for a linear layer, pair i's weight gradient is
-``sum_t g[i,t] a[i,t]^T + sum_t g[B+i,t] a[B+i,t]^T``, two batched products
-over contiguous halves of the rows, so no [2B, ...] per-row tensor is ever
-allocated (half the per-sample memory of folding afterwards, and no fold pass).
-Other module types fall back to Opacus's own sampler on the 2B rows, folded
-with :func:`fold_pair_rows` inside the hook. The optimizer then clips each
-pair's *whole* gradient (all parameters, both rows) to norm C once. Clipping the
-two rows separately would let one pair contribute up to 2C and double the
-sensitivity the noise is calibrated for.
+- one row per pair (``prompt + chosen + rejected`` under a mask that keeps the responses apart),
+  when the pairs' rows share their prompt: a row's loss depends on that row alone, so Opacus's
+  per-row samples are the per-pair samples;
+- 2B rows (rows 0..B-1 the chosen sequences, rows B..2B-1 the rejected ones) otherwise. Rows never
+  interact in a causal LM forward (no batch norm, attention is within a row), and the per-pair loss
+  depends on row i and row B+i only, so the gradient of pair i's loss is exactly the sum of the
+  per-row gradients of rows i and B+i.
+
+:class:`PairGradSampleModule` computes the samples of either layout in per-layer hooks. The forward
+tells it which one it runs (``rows_per_pair``, set by ``pair_logprobs``); the layout travels with
+what the forward keeps for the backward, so each backward reads the layout of its own forward. For a
+linear layer in the 2B-row layout, pair i's weight gradient is
+``sum_t g[i,t] a[i,t]^T + sum_t g[B+i,t] a[B+i,t]^T``, two batched products over contiguous halves
+of the rows, so no [2B, ...] per-row tensor is ever allocated. Other module types use Opacus's own
+sampler, folded with :func:`fold_pair_rows` inside the hook in the 2B-row layout. The optimizer then
+clips each pair's *whole* gradient (all parameters, both responses) to norm C once. Clipping the two
+rows separately would let one pair contribute up to 2C and double the sensitivity the noise is
+calibrated for.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 
 
-class PairGradSampleModule(GradSampleModule):
-    """Opacus ``GradSampleModule`` (hooks mode, summed loss) whose samples are per *pair*.
+class _OutputGradHooks(GradSampleModule):
+    """Opacus's ``GradSampleModule`` (hooks mode, summed loss) with lighter hooks.
 
-    ``p.grad_sample`` has B rows for a forward of 2B rows (chosen rows first).
-    ``loss_reduction='sum'``: the engine back-propagates the *sum* of per-pair
-    losses, so the samples need no rescaling (Opacus's 'mean' would multiply them
-    by the number of rows). ``.module`` is the wrapped policy (what
-    ``save_policy`` saves; the ``Reference`` is built on the policy before it is wrapped).
+    Opacus registers a forward hook and a *full* backward hook per layer; the latter wraps every
+    hooked layer's inputs and outputs in extra autograd nodes on each forward, and its backward pass
+    goes through a general path (a zero-filled buffer per parameter sized for packed sequences). A
+    per-sample gradient needs only the layer's input and the gradient with respect to its output. So
+    the forward hook here keeps the input and registers a hook on the output tensor that computes the
+    samples with Opacus's samplers. What the forward keeps travels in that hook, not in a list on the
+    module, so each backward pairs with its own forward. ``p.grad_sample`` follows Opacus: summed over a
+    layer's uses in one backward, a list over backward passes.
+
+    ``loss_reduction='sum'``: the engine back-propagates the *sum* of per-unit losses, so the samples
+    need no rescaling (Opacus's 'mean' would multiply them by the number of rows). ``.module`` is the
+    wrapped model (what ``save_policy`` saves).
     """
-
-    #: its forward must be the 2B-row layout (``pair_logprobs`` refuses ``share_prompt`` on it)
-    pair_rows = True
 
     def __init__(self, module: torch.nn.Module, strict: bool = True):
         super().__init__(module, batch_first=True, loss_reduction="sum", strict=strict)
-        # Per instance: Opacus's class-level table stays untouched for anyone else using it.
-        self.GRAD_SAMPLERS = {t: _per_pair(fn) for t, fn in GradSampleModule.GRAD_SAMPLERS.items()}
-        self.GRAD_SAMPLERS[torch.nn.Linear] = pair_linear_grad_sample
+
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
+                  force_functorch: bool = False) -> None:
+        if force_functorch or loss_reduction != "sum" or not batch_first:
+            raise NotImplementedError("per-sample hooks here: summed loss, batch first, Opacus's samplers")
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        # the hooked outputs of the forwards since the last backward (weakly: a plain loss.backward()
+        # frees them with the graph)
+        self._outputs: list[weakref.ref] = []
+        for module in self.iterate_submodules(self._module):
+            if type(module) not in self.GRAD_SAMPLERS:
+                prepare_layer(module, batch_first=True)
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            hook = functools.partial(self._forward_hook, params=params)  # trainable when wrapped, as the optimizer's
+            self.autograd_grad_sample_hooks.append(module.register_forward_hook(hook))
+        self.enable_hooks()
+
+    def _forward_hook(self, module, forward_input, output, params) -> None:
+        if not (params and self.hooks_enabled and module.training and torch.is_grad_enabled()
+                and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        for p in params:
+            p._forward_counter += 1
+        kept = [t.detach() for t in self.kept_activations(module, forward_input)]
+        output.register_hook(functools.partial(self._output_grad_hook, module, kept, self.rows_per_pair, params))
+        self._outputs.append(weakref.ref(output))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` as far as the hooked layers' outputs only: their hooks compute the
+        samples, and autograd skips the summed parameter gradients (``p.grad``), which DP-SGD never
+        uses. (A plain ``loss.backward()`` gives the same samples, and ``p.grad`` as well.)"""
+        outputs = [t for t in (ref() for ref in self._outputs) if t is not None]
+        self._outputs = []
+        torch.autograd.grad(loss, outputs, allow_unused=True)
+
+    def _output_grad_hook(self, module, activations, rows_per_pair, params, grad) -> None:
+        samples = self.per_sample(module, activations, grad.detach(), rows_per_pair)
+        for p, g in samples.items():
+            current = getattr(p, "_current_grad_sample", None)
+            p._current_grad_sample = g if current is None else current + g
+        for p in params:  # the layer's last use in this backward: its samples are complete
+            p._forward_counter -= 1
+            if p._forward_counter == 0 and hasattr(p, "_current_grad_sample"):
+                promote_current_grad_sample(p)
+
+    #: what one sample is made of, in rows; only pair samplers set it to anything but 1
+    rows_per_pair = 1
+
+    def per_sample(self, module, activations, backprops, rows_per_pair: int) -> dict:
+        sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
+        return sampler(module, activations, backprops)
+
+    @staticmethod
+    def kept_activations(module, forward_input):
+        """Under autocast a linear layer multiplies in the autocast dtype, and its per-sample gradient
+        casts the kept activations to the backprops' dtype (that one) anyway: they are kept in it. The
+        samples are the same; the kept activations take half the memory of float32 ones."""
+        if isinstance(module, torch.nn.Linear) and forward_input:
+            kind = forward_input[0].device.type
+            if torch.is_autocast_enabled(kind):
+                low = torch.get_autocast_dtype(kind)
+                return [t.to(low) if t.is_floating_point() else t for t in forward_input]
+        return forward_input
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._module
+
+
+class PairGradSampleModule(_OutputGradHooks):
+    """Per-sample gradients whose samples are per *pair*: ``p.grad_sample`` has B rows for a batch of
+    B pairs, whichever layout the forward ran. ``.module`` is the wrapped policy (the ``Reference`` is
+    built on the policy before it is wrapped)."""
+
+    def __init__(self, module: torch.nn.Module, strict: bool = True):
+        super().__init__(module, strict=strict)
+        #: rows per pair in the forward now running: 2 (chosen rows, then rejected rows) or 1 (one row
+        #: per pair, the prompt shared); whoever runs the other layout sets it for its forward only
+        self.rows_per_pair = 2
         for name, m in self._module.named_modules():
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
             if own and type(m) not in self.GRAD_SAMPLERS:
                 raise NotImplementedError(f"DP-SGD: no per-pair gradient sampler for trainable module {name!r} "
                                           f"({type(m).__name__}); train LoRA adapters or supported layers")
 
-    def capture_activations_hook(self, module, forward_input, _forward_output):
-        # Under autocast a linear layer multiplies in the autocast dtype, and its per-pair sample casts the
-        # captured activations to the backprops' dtype (that one) anyway: capture them in it. The samples are
-        # the same; the captured activations take half the memory of float32 ones.
-        if isinstance(module, torch.nn.Linear) and forward_input:
-            kind = forward_input[0].device.type
-            if torch.is_autocast_enabled(kind):
-                low = torch.get_autocast_dtype(kind)
-                forward_input = [t.to(low) if t.is_floating_point() else t for t in forward_input]
-        super().capture_activations_hook(module, forward_input, _forward_output)
-
-    def rearrange_grad_samples(self, *, module, backprops, loss_reduction, batch_first):
-        # Opacus sizes the sample buffer by ``module.max_batch_len``, which it computes (in rows) on
-        # a batch's first backward through the module and drops after its last: one row per pair.
-        fresh = not hasattr(module, "max_batch_len")
-        activations, backprops = super().rearrange_grad_samples(module=module, backprops=backprops,
-                                                                loss_reduction=loss_reduction,
-                                                                batch_first=batch_first)
-        if fresh:
-            module.max_batch_len = _pairs(module.max_batch_len)
-        return activations, backprops
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self._module
+    def per_sample(self, module, activations, backprops, rows_per_pair: int) -> dict:
+        if isinstance(module, torch.nn.Linear):
+            return pair_linear_grad_sample(module, activations, backprops, rows_per_pair)
+        samples = self.GRAD_SAMPLERS[type(module)](module, activations, backprops)
+        if rows_per_pair == 1:
+            return samples
+        return {p: fold_pair_rows(g) for p, g in samples.items()}
 
 
-class RowGradSampleModule(GradSampleModule):
-    """Opacus's own per-row samples (hooks mode, summed loss): the privacy unit is one row, e.g. one
-    prompt's rollout in DP-PPO, where a row's loss (policy and value terms) depends on that row alone."""
-
-    def __init__(self, module: torch.nn.Module, strict: bool = True):
-        super().__init__(module, batch_first=True, loss_reduction="sum", strict=strict)
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self._module
+class RowGradSampleModule(_OutputGradHooks):
+    """Per-row samples: the privacy unit is one row, e.g. one prompt's rollout in DP-PPO, where a row's
+    loss (policy and value terms) depends on that row alone."""
 
 
-def _pairs(rows: int) -> int:
-    if rows % 2:
+def _pairs(rows: int, rows_per_pair: int = 2) -> int:
+    if rows_per_pair == 1:
+        return rows
+    if rows_per_pair != 2 or rows % 2:
         raise ValueError(f"a pair batch must have an even number of rows (chosen then rejected), got {rows}")
     return rows // 2
 
 
-def pair_linear_grad_sample(layer: torch.nn.Linear, activations: list[torch.Tensor],
-                            backprops: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
-    """Per-pair samples of a linear layer: the chosen half's per-row products plus the rejected half's."""
-    half = _pairs(activations[0].shape[0])
+def pair_linear_grad_sample(layer: torch.nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor,
+                            rows_per_pair: int = 2) -> dict[torch.Tensor, torch.Tensor]:
+    """Per-pair samples of a linear layer. One row per pair: each row's products. 2B rows: the chosen
+    half's per-row products plus the rejected half's."""
+    rows = backprops.shape[0]
+    one_row = rows_per_pair == 1
+    half = _pairs(rows, rows_per_pair)
     # [rows, positions, features]: any leading per-row dims (sequence positions) flattened.
-    g = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1])
+    g = backprops.reshape(rows, -1, backprops.shape[-1])
     out = {}
     if layer.weight.requires_grad:
         a = activations[0].to(backprops.dtype)
         a = a.reshape(a.shape[0], -1, a.shape[-1])
         w = torch.bmm(g[:half].transpose(1, 2), a[:half])  # sum over positions of g a^T, chosen rows
-        w.baddbmm_(g[half:].transpose(1, 2), a[half:])  # + the rejected rows, in place
+        if not one_row:
+            w.baddbmm_(g[half:].transpose(1, 2), a[half:])  # + the rejected rows, in place
         out[layer.weight] = w
     if layer.bias is not None and layer.bias.requires_grad:
         b = g.sum(1)
-        out[layer.bias] = b[:half] + b[half:]
+        out[layer.bias] = b if one_row else b[:half] + b[half:]
     return out
-
-
-def _per_pair(sampler):
-    """Opacus's per-row sampler for a module type, folded to per-pair samples."""
-    def fold(layer, activations, backprops):
-        return {p: fold_pair_rows(g) for p, g in sampler(layer, activations, backprops).items()}
-    return fold
 
 
 def fold_pair_rows(grad_sample: torch.Tensor) -> torch.Tensor:
@@ -145,7 +210,8 @@ def per_pair_grad_sample(p: torch.Tensor) -> torch.Tensor:
 def per_sample_norms(samples: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each sample's full gradient, over all parameters."""
     n = samples[0].shape[0]
-    per_param = [g.reshape(n, -1).to(torch.promote_types(g.dtype, torch.float32)).norm(2, dim=1) for g in samples]
+    per_param = [torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.promote_types(g.dtype, torch.float32))
+                 for g in samples]
     dtype = torch.float64 if any(x.dtype == torch.float64 for x in per_param) else torch.float32
     return torch.stack([x.to(dtype) for x in per_param], dim=1).norm(2, dim=1)
 
@@ -167,5 +233,6 @@ def clip_and_sum(samples: list[torch.Tensor], max_norm: float,
     sums = []
     for i, g in enumerate(samples):
         dtype = dtypes[i] if dtypes else g.dtype
-        sums.append(torch.einsum("i,i...->...", factors.to(device=g.device, dtype=dtype), g.to(dtype)))
+        # the factor-weighted sum over samples as one vector-matrix product
+        sums.append((factors.to(device=g.device, dtype=dtype) @ g.reshape(n, -1).to(dtype)).view(g.shape[1:]))
     return sums, norms

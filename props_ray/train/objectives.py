@@ -1,8 +1,8 @@
 """What the training loop minimises per privacy unit: DPO against the reference, the reward model's
 Bradley--Terry loss, or a language model's next-token loss.
 
-DPO and Bradley--Terry see a batch of pairs as one forward of 2B rows (chosen rows first), so both run
-through either engine (DDP or DP-SGD with the pair as the privacy unit); each returns the per-pair
+DPO sees a batch of pairs as one row per pair (the prompt shared) where it can, and Bradley--Terry as
+one forward of 2B rows (chosen rows first); both run through either engine (DDP or DP-SGD with the pair as the privacy unit); each returns the per-pair
 loss and the per-pair margin the loop logs (DPO: beta times the implicit reward margin;
 Bradley--Terry: the reward difference), whose sign is the pair's accuracy. The language model
 (the synthetic-instruction generator) sees one row per example, the example as the unit, and returns
@@ -25,13 +25,12 @@ UNITS = {"dpo": ("pair", None), "bradley_terry": ("pair", None),
 class DPO:
     has_margin = True
 
-    def __init__(self, reference, loss: str, beta: float, flip_rate: float | None, share_prompt: bool = True):
+    def __init__(self, reference, loss: str, beta: float, flip_rate: float | None):
         self.reference, self.loss, self.beta, self.flip_rate = reference, loss, beta, flip_rate
-        self.share_prompt = share_prompt  # one row per pair; DP-SGD's per-pair samples need 2B rows
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         ref_c, ref_r = self.reference.pair_logprobs(batch)
-        pol_c, pol_r = pair_logprobs(model, batch, share_prompt=self.share_prompt)
+        pol_c, pol_r = pair_logprobs(model, batch, share_prompt=True)  # one row per pair
         margin = implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
         per_pair = dpo_loss(self.loss, margin, self.beta, flip_rate=self.flip_rate, confidence=batch.get("confidence"))
         return per_pair, self.beta * margin
@@ -74,5 +73,4 @@ def build(objective: str, cfg, base_path: str, adapter: str | None, device, loop
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     policy = build_policy(base_path, cfg.model, adapter_path=adapter, device=device)
     reference = Reference.for_policy(policy, cfg.model, base_path, device)
-    return policy, DPO(reference, loop_config["loss"], cfg.train.beta, loop_config.get("flip_rate"),
-                       share_prompt=loop_config.get("engine") != "dpsgd")
+    return policy, DPO(reference, loop_config["loss"], cfg.train.beta, loop_config.get("flip_rate"))

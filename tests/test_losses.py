@@ -256,3 +256,48 @@ def test_shared_prompt_falls_back_to_rows(tmp_path):
     assert shared_prefix(batch) is None
     with torch.no_grad():
         torch.testing.assert_close(pair_logprobs(policy, batch, share_prompt=True), pair_logprobs(policy, batch))
+
+
+def test_reference_logprobs_are_computed_once_per_pair_and_reused(tmp_path):
+    """The DPO objective's reference log-probs: a pair seen before (in any order, padded to any width)
+    takes its stored values without a reference forward; a batch with a new pair, or a pair whose
+    prompt/response split differs, runs the reference and gets its exact values."""
+    from props_ray.modeling import Reference
+    from props_ray.train.objectives import ReferenceLogprobs
+
+    policy, tok = _tiny_lora_policy(tmp_path)
+    calls = []
+
+    class Counting(Reference):
+        def pair_logprobs(self, batch):
+            calls.append(batch["chosen_input_ids"].shape[0])
+            return super().pair_logprobs(batch)
+
+    reference = Counting(policy)
+    memo = ReferenceLogprobs(reference)
+    batch = _pairs_with_shared_prompts(len(tok), tok.pad_token_id, (3, 4, 5, 2), seed=1)
+    first = memo(batch)
+    assert calls == [4]
+
+    order = torch.tensor([2, 0, 3, 1])
+    wider = {k: torch.nn.functional.pad(v[order], (0, 7)) if v.dim() == 2 else v[order] for k, v in batch.items()}
+    again = memo(wider)
+    assert calls == [4]  # no reference forward
+    assert again[0].dtype == first[0].dtype == torch.float64
+    torch.testing.assert_close(again, (first[0][order], first[1][order]), rtol=0, atol=0)
+
+    other = _pairs_with_shared_prompts(len(tok), tok.pad_token_id, (3, 4), seed=2)
+    mixed = {k: torch.cat([batch[k][:1], other[k]]) for k in batch}
+    got = memo(mixed)
+    assert calls == [4, 3]
+    torch.testing.assert_close(got, reference.pair_logprobs(mixed), rtol=0, atol=0)
+
+    split = {k: v[:1].clone() for k, v in batch.items()}  # the same tokens, one more of them in the prompt
+    for side in ("chosen", "rejected"):
+        row = split[f"{side}_loss_mask"][0]
+        row[int(row.nonzero()[0])] = 0
+    calls.clear()
+    got = memo(split)
+    assert calls == [1]
+    torch.testing.assert_close(got, reference.pair_logprobs(split), rtol=0, atol=0)
+    assert not torch.equal(got[0], first[0][:1])

@@ -22,14 +22,60 @@ UNITS = {"dpo": ("pair", None), "bradley_terry": ("pair", None),
          "language_model": ("row", ("input_ids", "attention_mask", "loss_mask"))}
 
 
+class ReferenceLogprobs:
+    """The reference's log-probs of each pair, computed the first time a batch brings the pair and
+    reused on its later passes: the reference is frozen for the whole training run, so from the second
+    epoch on a batch whose pairs have all been seen skips the reference forward (TRL's
+    ``precompute_ref_log_probs``, without a pass of its own). Kept in this worker's memory only.
+
+    A pair's key digests its tokens and masks up to its last real token, so the same pair padded to a
+    different width is the same key, and a different prompt/response split is not."""
+
+    def __init__(self, reference):
+        self.reference = reference
+        self.values: dict[bytes, tuple[float, float]] = {}
+        self.dtype: torch.dtype | None = None  # the reference's log-prob dtype (float32, or float64)
+
+    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = pair_keys(batch)
+        known = [self.values.get(k) for k in keys]
+        if keys and self.dtype is not None and all(v is not None for v in known):
+            both = torch.tensor(known, dtype=self.dtype, device=batch["chosen_input_ids"].device)
+            return both[:, 0], both[:, 1]
+        ref_c, ref_r = self.reference.pair_logprobs(batch)
+        self.dtype = ref_c.dtype
+        for k, c, r in zip(keys, ref_c.tolist(), ref_r.tolist()):
+            self.values[k] = (c, r)
+        return ref_c, ref_r
+
+
+def pair_keys(batch) -> list[bytes]:
+    """One 16-byte digest per pair: each response row's length, token ids, loss mask and attention mask
+    up to its last real token."""
+    import hashlib
+
+    digests = [hashlib.blake2b(digest_size=16) for _ in range(batch["chosen_input_ids"].shape[0])]
+    for side in ("chosen", "rejected"):
+        att = batch[f"{side}_attention_mask"].cpu()
+        ids = batch[f"{side}_input_ids"].cpu().numpy()
+        masks = torch.stack([batch[f"{side}_loss_mask"].cpu(), att], 1).to(torch.uint8).numpy()
+        lengths = ((att.cumsum(1) * att).argmax(1) + 1).tolist()  # past the last real token
+        for h, row, mask, n in zip(digests, ids, masks, lengths):
+            h.update(n.to_bytes(8, "little"))
+            h.update(row[:n].tobytes())
+            h.update(mask[:, :n].tobytes())
+    return [h.digest() for h in digests]
+
+
 class DPO:
     has_margin = True
 
     def __init__(self, reference, loss: str, beta: float, flip_rate: float | None):
         self.reference, self.loss, self.beta, self.flip_rate = reference, loss, beta, flip_rate
+        self.reference_logprobs = ReferenceLogprobs(reference)
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        ref_c, ref_r = self.reference.pair_logprobs(batch)
+        ref_c, ref_r = self.reference_logprobs(batch)
         pol_c, pol_r = pair_logprobs(model, batch, share_prompt=True)  # one row per pair
         margin = implicit_reward_margin(pol_c, pol_r, ref_c, ref_r)
         per_pair = dpo_loss(self.loss, margin, self.beta, flip_rate=self.flip_rate, confidence=batch.get("confidence"))

@@ -53,6 +53,9 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     else:
         assert s["throughput"]["ratio"] == pytest.approx(
             s["throughput"]["props_ray"]["pairs_per_s"] / s["throughput"]["trl"]["pairs_per_s"])
+        assert s["throughput"]["ratio_precomputed"] == pytest.approx(
+            s["throughput"]["props_ray"]["pairs_per_s"] / s["throughput"]["trl_precomputed"]["pairs_per_s"])
+        assert "against TRL with precompute_ref_log_probs" in table
     d = s["dp_overhead"]
     assert d["dpsgd_step_ms"] > 0 and d["nonprivate_step_ms"] > 0 and d["memory_ratio"] > 0
     r = s["relabel"]

@@ -6,11 +6,13 @@
 
 Both modes run the same training step as ``props_ray.train.loop`` on the same
 fixed batch of pairs: reference log-probs (LoRA disabled, no grad), policy
-forward of the 2B rows, DPO loss, backward, optimizer step (AdamW). The
-non-private step is ``StandardEngine``'s (mean loss, global clipping at 1.0,
-without DDP since there is one process); the DP-SGD step is ``DPSGDEngine``'s
-(Opacus hooks giving per-pair samples, per-pair clipping,
-Gaussian noise, a fixed sigma so no calibration time is counted).
+forward (one row per pair, the prompt shared, as the loop runs it), DPO loss,
+backward, optimizer step (AdamW). The reference pass runs every step here (the
+training loop reuses each pair's reference log-probs after the first epoch, which
+would shrink both steps alike). The non-private step is ``StandardEngine``'s (mean
+loss, global clipping at 1.0, without DDP since there is one process); the DP-SGD
+step is ``DPSGDEngine``'s (per-layer hooks giving per-pair samples, per-pair
+clipping, Gaussian noise, a fixed sigma so no calibration time is counted).
 
 Time: both modes run in one subprocess on identical model copies with their
 steps interleaved, so load from other processes slows both alike. Memory: each

@@ -122,6 +122,9 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
             threads = int(t_cfg.train.num_workers * t_cfg.train.cpus_per_worker)
             sec["trl"] = {"version": version, **throughput.trl_throughput(t_cfg, t_base, pairs, threads)}
             sec["ratio"] = sec["props_ray"]["pairs_per_s"] / sec["trl"]["pairs_per_s"]
+            sec["trl_precomputed"] = {"version": version, **throughput.trl_throughput(t_cfg, t_base, pairs, threads,
+                                                                                      precompute_ref=True)}
+            sec["ratio_precomputed"] = sec["props_ray"]["pairs_per_s"] / sec["trl_precomputed"]["pairs_per_s"]
         report["sections"]["throughput"] = sec
 
     if "dp_overhead" in sections:
@@ -182,6 +185,10 @@ def format_report(report: dict) -> str:
             rows.append([f"DPO training throughput (pairs/s, {t.get('model', 'tiny')})", f"{p['pairs_per_s']:.1f}",
                          f"TRL {t['trl']['version']}: {t['trl']['pairs_per_s']:.1f}", f"{t['ratio']:.2f}x",
                          verdict("throughput", t["ratio"])])
+            if "ratio_precomputed" in t:
+                rows.append(["  against TRL with precompute_ref_log_probs", f"{p['pairs_per_s']:.1f}",
+                             f"TRL {t['trl_precomputed']['version']}: {t['trl_precomputed']['pairs_per_s']:.1f}",
+                             f"{t['ratio_precomputed']:.2f}x", verdict("throughput", t["ratio_precomputed"])])
         else:
             rows.append([f"DPO training throughput (pairs/s, {t.get('model', 'tiny')})", f"{p['pairs_per_s']:.1f}",
                          "TRL not installed", "-", "skipped"])

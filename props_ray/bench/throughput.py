@@ -7,10 +7,11 @@ pairs of exactly 2 x 128 tokens (:func:`long_pairs`), where a step is mostly mat
 Both train the same model (the embedded reference with a fresh LoRA adapter on
 the same modules), on the same pairs, with the same global batch, sequence
 lengths, number of steps, optimizer (AdamW, same learning rate), ``sigmoid``
-loss and beta; both compute the reference log-probs with the adapters disabled,
-every step. The figure is pairs per second at steady state: the first epoch
-is warm-up (worker start, first data pass, allocator), the later epochs are
-timed, the time of the training loop only (not checkpoints, which TRL is
+loss and beta; both compute the reference log-probs with the adapters disabled.
+props-ray computes them once per pair and reuses them; TRL is measured both ways, recomputing them
+every step (its default) and with ``precompute_ref_log_probs``. The figure is pairs per second at steady state: the first epoch
+is warm-up (worker start, first data pass, allocator, and props-ray's reference log-probs of each
+pair, which later epochs reuse), the later epochs are timed, the time of the training loop only (not checkpoints, which TRL is
 told not to write).
 
 props-ray runs as users run it: ``num_workers`` Ray Train workers (DDP, gloo
@@ -21,6 +22,8 @@ extra; without it the comparison says so and is skipped.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import pandas as pd
@@ -145,8 +148,26 @@ def trl_available() -> str | None:
     return trl.__version__
 
 
-def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads: int) -> dict:
-    """The same training with TRL's DPOTrainer in this process, ``threads`` torch threads."""
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
+def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads: int,
+                   precompute_ref: bool = False) -> dict:
+    """The same training with TRL's DPOTrainer in this process, ``threads`` torch threads.
+
+    ``precompute_ref``: TRL's ``precompute_ref_log_probs`` (a reference pass over the data before
+    training, outside the timed epochs), the counterpart of props-ray reusing each pair's reference
+    log-probs after the first epoch; TRL's default recomputes them every step."""
     import tempfile
 
     import datasets
@@ -154,6 +175,7 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     from props_ray.modeling import load_base_model, load_tokenizer, lora_targets
@@ -186,10 +208,13 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
                 beta=cfg.train.beta, loss_type=["sigmoid"],
                 max_length=cfg.data.max_prompt_length + cfg.data.max_response_length,
                 use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
-                logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed)
-            trainer = DPOTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
-                                 train_dataset=Dataset.from_pandas(_as_completions(pairs), preserve_index=False),
-                                 callbacks=[timer])
+                logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed,
+                precompute_ref_log_probs=precompute_ref)
+            with _quiet_progress_bars():  # TRL's reference pass draws one of its own
+                trainer = DPOTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
+                                     train_dataset=Dataset.from_pandas(_as_completions(pairs), preserve_index=False),
+                                     callbacks=[timer])
+            trainer.remove_callback(PrinterCallback)  # it prints the run's closing metrics as a dict
             trainer.train()
     finally:
         torch.set_num_threads(old_threads)

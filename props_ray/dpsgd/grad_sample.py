@@ -89,6 +89,9 @@ class _OutputGradHooks(GradSampleModule):
         uses. (A plain ``loss.backward()`` gives the same samples, and ``p.grad`` as well.)"""
         outputs = [t for t in (ref() for ref in self._outputs) if t is not None]
         self._outputs = []
+        if not outputs:  # no hooked layer took part in the forward: there is no sample to form
+            loss.backward()
+            return
         torch.autograd.grad(loss, outputs, allow_unused=True)
 
     def _output_grad_hook(self, module, activations, rows_per_pair, params, grad) -> None:

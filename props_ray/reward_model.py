@@ -3,7 +3,7 @@
 r(prompt, response) is the head's output at the response's last token. For a pair,
 P(chosen preferred) = sigmoid(r_chosen - r_rejected), so the per-pair loss is
 -log sigmoid(r_chosen - r_rejected) (:func:`bradley_terry_loss`). A batch of B pairs is one forward of
-2B rows (chosen rows first, as in DPO), so DP-SGD's per-pair gradient samples and clipping
+2B rows (chosen rows first: DPO's fallback layout), so DP-SGD's per-pair gradient samples and clipping
 (:mod:`props_ray.dpsgd`) apply unchanged with the pair as the privacy unit: the DP reward model of
 DP-RLHF (arXiv 2310.16960) is this model trained through the DP-SGD engine.
 

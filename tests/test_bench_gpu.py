@@ -31,7 +31,9 @@ def test_pythia_1b_architecture_has_pythia_1b_size():
     assert gpu.layout_forward_flops(cfg, 8, 512, shared_prompt=False) == rows
     assert gpu.layout_forward_flops(cfg, 8, 512, shared_prompt=True) == shared
     assert gpu.step_flops(cfg, pairs=8, length=512, mode="nonprivate") == 3 * shared
-    assert gpu.step_flops(cfg, pairs=8, length=512, mode="dpsgd") == shared + 2 * rows
+    assert gpu.step_flops(cfg, pairs=8, length=512, mode="dpsgd") == 3 * shared  # DP-SGD shares the prompt too
+    with pytest.raises(ValueError, match="mode"):
+        gpu.step_flops(cfg, pairs=8, length=512, mode="dp")
     assert 0.75 < shared / rows < 0.80  # a quarter of the block tokens saved; attention over longer rows
 
 

@@ -6,8 +6,8 @@
 
 The weights are random (the hub is not needed to time a step). The step is the
 training loop's, as :mod:`props_ray.bench.dp_overhead` runs it on a fixed batch:
-reference log-probs with the adapters off, the policy forward of the 2B rows, the
-DPO loss, backward and AdamW. Non-private steps clip globally; DP-SGD steps take
+reference log-probs with the adapters off, the policy forward (one row per pair, the
+prompt once), the DPO loss, backward and AdamW. Non-private steps clip globally; DP-SGD steps take
 per-pair samples, clip them and add noise. LoRA (r = 8) sits on attention and MLP.
 By default the weights stay float32 and the forwards run under bf16 autocast, as a job with
 ``model.dtype: bfloat16`` runs them; ``--weights bfloat16`` stores the frozen base in bf16 (the
@@ -18,8 +18,9 @@ pair) and peak memory, plus the DP-SGD/non-private step-time ratio. MFU is model
 FLOPs per step / step time / the GPU's dense bf16 peak. Model FLOPs count what the
 step computes: the reference forward, the policy forward, and the policy backward to
 the activations (the frozen base needs no weight gradients; LoRA's are negligible),
-over the tokens each runs (one row per pair with the prompt once, or 2B rows under
-DP-SGD: ``props_ray.dpo.logprobs``) and the positions the LM head projects. A forward
+over the tokens each runs (one row per pair with the prompt once, in both modes since
+2026-12-06; before, 2B rows under DP-SGD: ``props_ray.dpo.logprobs``) and the positions
+the LM head projects. A forward
 is ``2 x block weights + 4 x layers x row length x hidden`` FLOPs per token (PaLM's
 convention, causal masking not halved) plus ``2 x hidden x vocab`` per projected
 position. DP-SGD's extra work (per-pair samples, clipping, noise) is overhead, not
@@ -70,11 +71,12 @@ def layout_forward_flops(config, pairs: int, length: int, shared_prompt: bool) -
 
 
 def step_flops(config, pairs: int, length: int, mode: str) -> int:
-    """Model FLOPs of one DPO step (see the module docstring): the reference forward (prompt shared), and
-    the policy's forward and backward to the activations, prompt shared in the non-private step and
-    2B rows under DP-SGD."""
-    policy = layout_forward_flops(config, pairs, length, shared_prompt=mode == "nonprivate")
-    return layout_forward_flops(config, pairs, length, shared_prompt=True) + 2 * policy
+    """Model FLOPs of one DPO step (see the module docstring): the reference forward, and the policy's
+    forward and backward to the activations, all with the prompt shared. ``mode`` ('nonprivate' or
+    'dpsgd') does not change them: DP-SGD runs the same layout, and its extra work is overhead."""
+    if mode not in ("nonprivate", "dpsgd"):
+        raise ValueError(f"mode must be 'nonprivate' or 'dpsgd', got {mode!r}")
+    return 3 * layout_forward_flops(config, pairs, length, shared_prompt=True)
 
 
 def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:

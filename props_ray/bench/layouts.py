@@ -2,8 +2,9 @@
 interleaved in one process, on a Pythia-architecture GPT-NeoX with random weights and LoRA:
 
 - full-length logits over 2B rows (every position through the LM head; props-ray before 2026-12-06);
-- the response window over 2B rows (the head only where a response token is predicted; DP-SGD's layout);
-- the response window with the prompt shared, one row per pair (non-private training's layout).
+- the response window over 2B rows (the head only where a response token is predicted; the fallback when
+  a pair's rows do not share their prompt);
+- the response window with the prompt shared, one row per pair (the training loop's layout, DP-SGD's too).
 
     python -m props_ray.bench.layouts [--model pythia-160m-arch] [--pairs 8] [--prompt 64] [--response 64]
 

@@ -8,11 +8,13 @@ Both train the same model (the embedded reference with a fresh LoRA adapter on
 the same modules), on the same pairs, with the same global batch, sequence
 lengths, number of steps, optimizer (AdamW, same learning rate), ``sigmoid``
 loss and beta; both compute the reference log-probs with the adapters disabled.
-props-ray computes them once per pair and reuses them; TRL is measured both ways, recomputing them
-every step (its default) and with ``precompute_ref_log_probs``. The figure is pairs per second at steady state: the first epoch
-is warm-up (worker start, first data pass, allocator, and props-ray's reference log-probs of each
-pair, which later epochs reuse), the later epochs are timed, the time of the training loop only (not checkpoints, which TRL is
-told not to write).
+props-ray computes them once per pair and reuses them; TRL is measured both
+ways, recomputing them every step (its default) and with
+``precompute_ref_log_probs``. The figure is pairs per second at steady state:
+the first epoch is warm-up (worker start, first data pass, allocator, and
+props-ray's reference log-probs of each pair, which later epochs reuse), the
+later epochs are timed, the time of the training loop only (not checkpoints,
+which TRL is told not to write).
 
 props-ray runs as users run it: ``num_workers`` Ray Train workers (DDP, gloo
 on CPU) with ``cpus_per_worker`` threads each. TRL runs in one process with

@@ -2,11 +2,11 @@
 Bradley--Terry loss, or a language model's next-token loss.
 
 DPO sees a batch of pairs as one row per pair (the prompt shared) where it can, and Bradley--Terry as
-one forward of 2B rows (chosen rows first); both run through either engine (DDP or DP-SGD with the pair as the privacy unit); each returns the per-pair
-loss and the per-pair margin the loop logs (DPO: beta times the implicit reward margin;
-Bradley--Terry: the reward difference), whose sign is the pair's accuracy. The language model
-(the synthetic-instruction generator) sees one row per example, the example as the unit, and returns
-the per-example loss and no margin.
+one forward of 2B rows (chosen rows first); both run through either engine (DDP or DP-SGD with the
+pair as the privacy unit), and each returns the per-pair loss and the per-pair margin the loop logs
+(DPO: beta times the implicit reward margin; Bradley--Terry: the reward difference), whose sign is the
+pair's accuracy. The language model (the synthetic-instruction generator) sees one row per example,
+the example as the unit, and returns the per-example loss and no margin.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class ReferenceLogprobs:
 
 
 def pair_keys(batch) -> list[bytes]:
-    """One 16-byte digest per pair: each response row's length, token ids, loss mask and attention mask
-    up to its last real token."""
+    """One 16-byte digest per pair: of its chosen row, then its rejected row, each's length, token ids,
+    loss mask and attention mask up to its last real token."""
     import hashlib
 
     digests = [hashlib.blake2b(digest_size=16) for _ in range(batch["chosen_input_ids"].shape[0])]

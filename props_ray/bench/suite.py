@@ -46,6 +46,7 @@ SIZES = {
     # throughput: the embedded tiny model (--quick), or a Pythia-160M architecture on 2 x 128-token pairs
     # (pairs, batch, prompt tokens, response tokens) of the Pythia one
     "throughput_model": ("tiny", "pythia-160m-arch"), "throughput_160m": ((16, 8, 64, 64), (32, 8, 64, 64)),
+    "throughput_160m_epochs": (2, 3),  # the first is warm-up: two timed epochs (8 steps) in the full bench
     "dp_steps": (8, 30), "relabel_pairs": (1024, 4096), "ppo_steps": (3, 8), "synthetic_samples": (1024, 8192), "gpu_steps": (5, 10),
 }
 
@@ -106,7 +107,8 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
         else:  # a Pythia architecture, random weights, pairs of exactly 2 x (prompt + response) tokens
             n, batch, prompt_len, response_len = _size("throughput_160m", quick)
             t_base = throughput.pythia_base(str(out_dir / "models"), base, model)
-            t_cfg = bench_job(str(out_dir / f"train-{model}"), n, batch, 2, num_workers=2, cpus_per_worker=1,
+            t_cfg = bench_job(str(out_dir / f"train-{model}"), n, batch, _size("throughput_160m_epochs", quick),
+                              num_workers=2, cpus_per_worker=1,
                               model_name=t_base, lengths=(prompt_len, response_len))
             pairs = throughput.long_pairs(t_base, n, prompt_len, response_len)
         say(f"[bench] throughput: {model}, {len(pairs)} pairs, batch {t_cfg.train.batch_size}, "

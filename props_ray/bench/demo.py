@@ -14,9 +14,14 @@ import time
 
 
 def measure(job_path: str, output_dir: str, overrides: list[str] | None = None, say=print) -> dict:
+    """Run the job from scratch in ``output_dir`` (the bench's own directory, emptied first: a job
+    finds its finished trials and its reference model there and would reuse them, timing nothing)."""
+    import shutil
+
     from props_ray.config import load_job
     from props_ray.driver import Job
 
+    shutil.rmtree(output_dir, ignore_errors=True)
     cfg = load_job(job_path, [f"output_dir={output_dir}", f"tracking.tracking_uri=sqlite:///{output_dir}/mlflow.db",
                               *(overrides or [])])
     t = time.time()

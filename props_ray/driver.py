@@ -112,7 +112,11 @@ class Job:
 
     # -- the whole job ------------------------------------------------------------------------
     def run(self) -> list[TrialResult]:
-        from props_ray.ray_runtime import ensure_ray
+        import os
+
+        import ray
+
+        from props_ray.ray_runtime import check_gpus, ensure_ray
         from props_ray.run_tree import RunTree
         from props_ray.storage import check_shared_storage
         from props_ray.tracking import Tracker
@@ -131,11 +135,16 @@ class Job:
             ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
             tracker = tracker.result()
         self.timings["ray_start"] = time.time() - t
+        # Too few GPUs on a local instance is refused here, before the job's run opens or anything trains.
+        gpus = check_gpus(cfg.train.num_workers, ray.cluster_resources(),
+                          local=not os.environ.get("RAY_ADDRESS")) if cfg.train.use_gpu else None
         tracker.flush()
         self.runs = RunTree(tracker, cfg, self.job_dir)
         self.runs.open_job()
         with progress.Console():  # workers' progress lines, drawn here (Ray's own output stays off)
             self.say(f"job {cfg.name}: tracking at {cfg.tracking.resolved_uri()}, output in {self.job_dir}")
+            if gpus:
+                self.say(gpus)
             try:
                 check_shared_storage(cfg.output_dir)  # multi-node: checkpoints and the ledger need shared storage
             except ValueError:
@@ -218,14 +227,9 @@ class Job:
         return self._run_concurrently(v, trials, limit)
 
     def _concurrency(self, cfg: JobConfig, n_trials: int) -> int:
-        """How many trials run at once: ``sweep.max_concurrent_trials``, else as many as the cluster's
-        CPUs hold, each trial needing its training workers plus one inference actor."""
         import ray
 
-        if cfg.sweep.max_concurrent_trials:
-            return min(n_trials, cfg.sweep.max_concurrent_trials)
-        per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
-        return max(1, min(n_trials, int(ray.cluster_resources().get("CPU", 0) // per_trial)))
+        return trial_concurrency(cfg, n_trials, ray.cluster_resources())
 
     # -- one (method, epsilon) ----------------------------------------------------------------
     def _open_trial(self, v: Variant, method: MethodSection, epsilon: float | None):
@@ -305,6 +309,19 @@ class Job:
             results[i] = self._log_trial(v, trial, run_id, outcome)
             self.timings[f"trial:{trial.name}"] = time.time() - t
         return [results[i] for i in range(len(trials))]
+
+
+def trial_concurrency(cfg: JobConfig, n_trials: int, resources: dict) -> int:
+    """How many trials run at once on a cluster of ``resources``: ``sweep.max_concurrent_trials``, else
+    as many as its CPUs hold, each trial needing its training workers plus one inference actor, and
+    with ``train.use_gpu`` as many as its GPUs hold, one a worker (a trial beyond that would hold CPUs
+    while its training waited for a card)."""
+    if cfg.sweep.max_concurrent_trials:
+        return min(n_trials, cfg.sweep.max_concurrent_trials)
+    limit = int(resources.get("CPU", 0) // (cfg.train.num_workers * cfg.train.cpus_per_worker + 1))
+    if cfg.train.use_gpu:
+        limit = min(limit, int(resources.get("GPU", 0) // cfg.train.num_workers))
+    return max(1, min(n_trials, limit))
 
 
 def execute(trial: Trial) -> dict:

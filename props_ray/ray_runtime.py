@@ -57,6 +57,26 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
     quiet_ray_libraries()
 
 
+def check_gpus(num_workers: int, resources: dict, local: bool) -> str | None:
+    """``train.use_gpu`` on this cluster, whose logical resources are ``resources``: every Ray Train
+    worker takes one whole GPU (two DDP processes cannot share a card under NCCL). A local Ray
+    instance can never gain a GPU, so too few is a :class:`~props_ray.config.ConfigError`, raised
+    before any training; a cluster may add GPU nodes when Ray Train asks (its autoscaler), so there it
+    is a warning, returned."""
+    from props_ray.config import ConfigError
+
+    have = int(resources.get("GPU", 0))
+    if have >= num_workers:
+        return None
+    where = "this machine" if local else "the Ray cluster"
+    need = (f"train.use_gpu: true needs {num_workers} GPU{'s' if num_workers > 1 else ''} (one per worker, "
+            f"train.num_workers = {num_workers})")
+    if local:
+        fix = f"set train.num_workers to {have} or fewer" if have else "set train.use_gpu: false"
+        raise ConfigError(f"{need}, and {where} has {have}: {fix}")
+    return f"{need}, and {where} has {have} now: Ray Train waits until its autoscaler adds them"
+
+
 def quiet_ray_libraries() -> None:
     """No Ray Data progress bars or info logs in this process (the driver, or a trial task)."""
     from ray.data import DataContext

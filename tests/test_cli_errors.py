@@ -107,3 +107,22 @@ def test_an_alpaca_eval_tie_is_skipped_and_counted_while_a_malformed_row_still_s
     rows[33]["preference"] = "n/a"
     path.write_text(json.dumps(rows))
     _one_error(_cli("validate", str(_job(tmp_path, path)), cwd=tmp_path), "row 33", "'preference'")
+
+
+def test_use_gpu_without_a_gpu_is_one_message_before_any_training(tmp_path):
+    """This machine has no GPU: the local Ray instance has none, and the job stops before its MLflow run
+    opens, a label is drawn or a worker starts."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    job = _job(tmp_path, "embedded", data={"source": "embedded", "num_pairs": 60, "eval_prompts": 4},
+               eval={}, train={"use_gpu": True, "num_workers": 1})
+    done = _cli("run", str(job), cwd=tmp_path)
+    _one_error(done, "train.use_gpu: true needs 1 GPU (one per worker", "has 0", "set train.use_gpu: false")
+    assert not list((tmp_path / "runs").rglob("draw-*.parquet"))  # no label drawn
+    assert not [p for p in (tmp_path / "runs" / "cli").rglob("*") if p.name != "tracking-journal.jsonl"]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]

@@ -66,3 +66,40 @@ def test_the_group_is_shared_only_where_batch_inference_has_resources_beside_it(
     assert not shared_group_fits(cfg(use_gpu=True, worker_group="shared"), cluster_cpus=64)
     assert not shared_group_fits(cfg(worker_group="per_run"), cluster_cpus=64)
     assert shared_group_fits(cfg(worker_group="shared"), cluster_cpus=2)  # the user's call
+
+
+def test_trials_at_once_are_bounded_by_cpus_and_with_use_gpu_by_gpus(tiny_job_raw):
+    from props_ray.driver import trial_concurrency
+
+    def cfg(sweep=None, **train):
+        raw = json.loads(json.dumps(tiny_job_raw))
+        raw["train"] = {**raw["train"], **train}
+        if sweep:
+            raw["sweep"] = sweep
+        return validate_job(raw)
+
+    # each trial: 2 workers of 1 CPU and an inference actor
+    assert trial_concurrency(cfg(), 7, {"CPU": 16}) == 5
+    assert trial_concurrency(cfg(), 3, {"CPU": 16}) == 3
+    assert trial_concurrency(cfg(), 7, {"CPU": 2}) == 1  # never fewer than one
+    assert trial_concurrency(cfg(), 7, {"CPU": 16, "GPU": 1}) == 5  # on CPUs the GPUs do not count
+    # with use_gpu every worker holds a card: 4 GPUs hold two trials of 2 workers, 1 GPU one trial
+    assert trial_concurrency(cfg(use_gpu=True), 7, {"CPU": 16, "GPU": 4}) == 2
+    assert trial_concurrency(cfg(use_gpu=True, num_workers=1), 7, {"CPU": 16, "GPU": 1}) == 1
+    assert trial_concurrency(cfg(use_gpu=True, num_workers=1), 7, {"CPU": 16, "GPU": 8}) == 7
+    assert trial_concurrency(cfg(sweep={"max_concurrent_trials": 3}, use_gpu=True), 7, {"CPU": 2}) == 3
+
+
+def test_use_gpu_with_too_few_gpus_is_refused_locally_and_a_warning_on_a_cluster():
+    from props_ray.config import ConfigError
+    from props_ray.ray_runtime import check_gpus
+
+    assert check_gpus(2, {"CPU": 16, "GPU": 2}, local=True) is None
+    assert check_gpus(1, {"CPU": 16, "GPU": 8}, local=False) is None
+    with pytest.raises(ConfigError, match=r"needs 2 GPUs .*train\.num_workers = 2.*has 1: set train\.num_workers "
+                                          r"to 1 or fewer"):
+        check_gpus(2, {"CPU": 16, "GPU": 1}, local=True)
+    with pytest.raises(ConfigError, match=r"has 0: set train\.use_gpu: false"):
+        check_gpus(1, {"CPU": 16}, local=True)
+    warning = check_gpus(4, {"CPU": 16, "GPU": 2}, local=False)  # an autoscaler may add GPU nodes
+    assert "has 2 now" in warning and "autoscaler" in warning

@@ -257,3 +257,32 @@ def test_paper_jobs_are_set_up_for_gpus(name):
     assert sorted(m.display_name for m in cfg.methods) == \
         ["dpsgd", "nonprivate", "props-mle", "props-posterior", "rr"]
     assert len(cfg.trials()) == 1 + 4 * 4
+
+
+def test_offline_site_bundles_the_pins_the_target_lacks(tmp_path):
+    """cluster/offline-site.sh: every pin of constraints.txt the target's package list lacks, at its pinned
+    version, and nothing the target has (however pip spelt it) or a batch job never loads."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-").replace(".", "-")] = version.strip()
+    have = tmp_path / "have.txt"  # `pip list` output, with its header, mixed spellings
+    have.write_text("Package    Version\n---------- -------\ntorch      2.11.0\nTransformers 5.17.0\n"
+                    "huggingface_hub 1.33.0\nnumpy==2.5.2\npyarrow\n")
+    done = subprocess.run(["bash", "cluster/offline-site.sh"], cwd=root, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HAVE": str(have), "LIST_ONLY": "1"})
+    assert done.returncode == 0, done.stderr
+    listed = {}
+    for line in done.stdout.split():
+        name, version = line.split("==")
+        listed[name.lower().replace("_", "-").replace(".", "-")] = version
+    assert {"torch", "transformers", "huggingface-hub", "numpy", "pyarrow"}.isdisjoint(listed)
+    assert {"trl", "virtualenv", "py-spy"}.isdisjoint(listed)
+    for name in ("ray", "mlflow", "opacus", "pydantic", "peft", "datasets", "scipy"):
+        assert listed[name] == pins[name], name
+    assert set(listed) == set(pins) - {"torch", "transformers", "huggingface-hub", "numpy", "pyarrow",
+                                       "trl", "virtualenv", "py-spy"}

@@ -16,8 +16,9 @@
 #   (`python -m props_ray.bench.gpu`): pairs/s, tokens/s, MFU and DP-SGD / non-private; DP-SGD
 #   overhead on CUDA for the tiny model and the Pythia-160M architecture (`props_ray.bench.dp_overhead`).
 #   Needs torch, transformers, peft, opacus and pydantic; no Ray or MLflow.
-# demo and paper need Ray and MLflow: on a machine without a package index, build the archive of
-# what it lacks with cluster/offline-site.sh; SITE names it and this script unpacks it.
+# demo and paper need Ray and MLflow too: on a machine without a package index, build the archive of
+# what it lacks with cluster/offline-site.sh; SITE names it, and this script unpacks it when any of
+# Ray, MLflow, Opacus or pydantic is missing.
 # USE_GPU=false, PAPER_MODEL and the *_SET variables shrink the run for a dry run on a CPU. The log,
 # one JSON per bench figure and each job's trial table land in $OUT.
 set -uo pipefail
@@ -49,7 +50,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-if (has demo || has paper) && ! "$PY" -c "import ray, mlflow" 2>/dev/null; then
+if [ -f "$SITE" ] && ! "$PY" -c "import ray, mlflow, opacus, pydantic" 2>/dev/null; then
   step unpack-site 60 bash -c "mkdir -p /tmp/site && tar -xJf '$SITE' -C /tmp/site" && export PYTHONPATH="/tmp/site:$PWD"
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"

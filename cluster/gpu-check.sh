@@ -4,15 +4,16 @@
 #   OUT=gpu-out bash cluster/gpu-check.sh                    # every part: demo, paper, bench
 #   PARTS="bench" OUT=gpu-out bash cluster/gpu-check.sh      # some of them
 #
-# Parts, in the order they run (each step has its own time limit, so one that hangs does not take the
-# rest with it; together they fit a 10-minute window, the ones never run on a GPU before first):
+# The device and the library versions come first, whatever the parts. Parts, in the order they run
+# (each step has its own time limit, so one that hangs does not take the rest with it; together they
+# fit a 10-minute window, the ones never run on a GPU before first):
 # - demo: `props-ray run jobs/demo.yaml` with train.use_gpu (one worker a GPU), on Ray, Ray Train,
 #   Ray Data and MLflow (a sqlite store).
 # - paper: jobs/pythia-1b-hh-rlhf.yaml at reduced size: the job's methods, LoRA, bf16 and DP-SGD
 #   settings on 1,000 HH-RLHF pairs at one epsilon, with a random model of the Pythia-160M
 #   architecture on a tokenizer built from the data (`props-ray init-model`) and a random judge
 #   (nothing from a hub). PAPER_DATA is the HH-RLHF file (../shared/data's, or a copy beside it).
-# - bench: the device and library versions; the Pythia-1B-architecture DPO step in bf16 autocast
+# - bench: the Pythia-1B-architecture DPO step in bf16 autocast
 #   (`python -m props_ray.bench.gpu`): pairs/s, tokens/s, MFU and DP-SGD / non-private; DP-SGD
 #   overhead on CUDA for the tiny model and the Pythia-160M architecture (`props_ray.bench.dp_overhead`).
 #   Needs torch, transformers, peft, opacus and pydantic; no Ray or MLflow.
@@ -51,7 +52,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 if [ -f "$SITE" ] && ! "$PY" -c "import ray, mlflow, opacus, pydantic" 2>/dev/null; then
-  step unpack-site 60 bash -c "mkdir -p /tmp/site && tar -xJf '$SITE' -C /tmp/site" && export PYTHONPATH="/tmp/site:$PWD"
+  step unpack-site 60 bash -c "mkdir -p /tmp/site && tar -xJf '$SITE' -C /tmp/site" && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 step versions 40 "$PY" -c "import torch, transformers, peft, opacus, pydantic; \

@@ -112,11 +112,9 @@ class Job:
 
     # -- the whole job ------------------------------------------------------------------------
     def run(self) -> list[TrialResult]:
-        import os
-
         import ray
 
-        from props_ray.ray_runtime import check_gpus, ensure_ray
+        from props_ray.ray_runtime import check_gpus, cluster_address, ensure_ray
         from props_ray.run_tree import RunTree
         from props_ray.storage import check_shared_storage
         from props_ray.tracking import Tracker
@@ -137,7 +135,7 @@ class Job:
         self.timings["ray_start"] = time.time() - t
         # Too few GPUs on a local instance is refused here, before the job's run opens or anything trains.
         gpus = check_gpus(cfg.train.num_workers, ray.cluster_resources(),
-                          local=not os.environ.get("RAY_ADDRESS")) if cfg.train.use_gpu else None
+                          local=cluster_address() is None) if cfg.train.use_gpu else None
         tracker.flush()
         self.runs = RunTree(tracker, cfg, self.job_dir)
         self.runs.open_job()

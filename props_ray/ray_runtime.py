@@ -23,6 +23,11 @@ def verbose() -> bool:
     return os.environ.get("PROPS_RAY_VERBOSE", "") not in ("", "0")
 
 
+def cluster_address() -> str | None:
+    """The Ray cluster this process joins (``RAY_ADDRESS``), or None for an embedded local instance."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
     """Quiet by default: workers' output is not forwarded to the driver (progress travels through
     :mod:`props_ray.progress`, and a failure still raises here with its worker's traceback)."""
@@ -35,7 +40,7 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
         os.environ.setdefault(k, v)
     env = {"env_vars": {**QUIET_ENV, **TRAIN_ENV, "OMP_NUM_THREADS": "1",
                         **{k: v for k, v in os.environ.items() if k.startswith("PROPS_RAY_")}}}
-    address = os.environ.get("RAY_ADDRESS")
+    address = cluster_address()
     if address:
         # Inside a Ray job (ray job submit / props-ray submit) the job has a runtime_env of its own:
         # merge ours into it rather than have Ray refuse the second one.

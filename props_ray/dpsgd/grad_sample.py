@@ -25,7 +25,7 @@ calibrated for.
 
 from __future__ import annotations
 
-import functools
+import math
 import weakref
 
 import torch
@@ -69,40 +69,51 @@ class _OutputGradHooks(GradSampleModule):
             if type(module) not in self.GRAD_SAMPLERS:
                 prepare_layer(module, batch_first=True)
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            hook = functools.partial(self._forward_hook, params=params)  # trainable when wrapped, as the optimizer's
-            self.autograd_grad_sample_hooks.append(module.register_forward_hook(hook))
+            if params:  # trainable when wrapped, as the optimizer's
+                self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._forward_hook_for(module, params)))
         self.enable_hooks()
 
-    def _forward_hook(self, module, forward_input, output, params) -> None:
-        if not (params and self.hooks_enabled and module.training and torch.is_grad_enabled()
-                and isinstance(output, torch.Tensor) and output.requires_grad):
-            return
-        for p in params:
-            p._forward_counter += 1
-        kept = [t.detach() for t in self.kept_activations(module, forward_input)]
-        output.register_hook(functools.partial(self._output_grad_hook, module, kept, self.rows_per_pair, params))
-        self._outputs.append(weakref.ref(output))
+    def _forward_hook_for(self, module, params):
+        """The forward hook of one layer: keeps its input, and hooks its output's gradient to form the
+        samples. One closure a layer, with what it needs bound once (this runs for every layer on
+        every training forward)."""
+        keep_low = isinstance(module, torch.nn.Linear)  # see kept_activations
+        per_sample = self.per_sample
+        outputs = self._outputs
+
+        def output_grad_hook(kept, rows_per_pair, grad):
+            samples = per_sample(module, kept, grad.detach(), rows_per_pair)
+            for p, g in samples.items():
+                current = getattr(p, "_current_grad_sample", None)
+                p._current_grad_sample = g if current is None else current + g
+            for p in params:  # the layer's last use in this backward: its samples are complete
+                p._forward_counter -= 1
+                if p._forward_counter == 0 and hasattr(p, "_current_grad_sample"):
+                    promote_current_grad_sample(p)
+
+        def forward_hook(module, forward_input, output):
+            if not (self.hooks_enabled and module.training and torch.is_grad_enabled()
+                    and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            for p in params:
+                p._forward_counter += 1
+            kept = [t.detach() for t in (self.kept_activations(module, forward_input) if keep_low else forward_input)]
+            rows_per_pair = self.rows_per_pair
+            output.register_hook(lambda grad: output_grad_hook(kept, rows_per_pair, grad))
+            outputs.append(weakref.ref(output))
+
+        return forward_hook
 
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate ``loss`` as far as the hooked layers' outputs only: their hooks compute the
         samples, and autograd skips the summed parameter gradients (``p.grad``), which DP-SGD never
         uses. (A plain ``loss.backward()`` gives the same samples, and ``p.grad`` as well.)"""
         outputs = [t for t in (ref() for ref in self._outputs) if t is not None]
-        self._outputs = []
+        self._outputs.clear()  # in place: the forward hooks hold this list
         if not outputs:  # no hooked layer took part in the forward: there is no sample to form
             loss.backward()
             return
         torch.autograd.grad(loss, outputs, allow_unused=True)
-
-    def _output_grad_hook(self, module, activations, rows_per_pair, params, grad) -> None:
-        samples = self.per_sample(module, activations, grad.detach(), rows_per_pair)
-        for p, g in samples.items():
-            current = getattr(p, "_current_grad_sample", None)
-            p._current_grad_sample = g if current is None else current + g
-        for p in params:  # the layer's last use in this backward: its samples are complete
-            p._forward_counter -= 1
-            if p._forward_counter == 0 and hasattr(p, "_current_grad_sample"):
-                promote_current_grad_sample(p)
 
     #: what one sample is made of, in rows; only pair samplers set it to anything but 1
     rows_per_pair = 1
@@ -211,12 +222,16 @@ def per_pair_grad_sample(p: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_norms(samples: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each sample's full gradient, over all parameters."""
+    """L2 norm of each sample's full gradient, over all parameters (in float32 at least)."""
     n = samples[0].shape[0]
-    per_param = [torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.promote_types(g.dtype, torch.float32))
-                 for g in samples]
-    dtype = torch.float64 if any(x.dtype == torch.float64 for x in per_param) else torch.float32
-    return torch.stack([x.to(dtype) for x in per_param], dim=1).norm(2, dim=1)
+    per_param = [torch.linalg.vector_norm(g.reshape(n, -1), dim=1) if g.dtype in _NORM_DTYPES
+                 else torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float32) for g in samples]
+    if len({x.dtype for x in per_param}) > 1:  # float32 and float64 parameters: the norms in float64
+        per_param = [x.double() for x in per_param]
+    return torch.linalg.vector_norm(torch.stack(per_param, dim=1), dim=1)
+
+
+_NORM_DTYPES = (torch.float32, torch.float64)
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -226,16 +241,24 @@ def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 def clip_and_sum(samples: list[torch.Tensor], max_norm: float,
                  dtypes: list[torch.dtype] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Clip each sample's full gradient to ``max_norm`` and sum over samples; returns (sums, norms)."""
+    """Clip each sample's full gradient to ``max_norm`` and sum over samples; returns (sums, norms).
+    The sum of parameter ``i`` is flat (``numel`` long; the caller views it as the parameter) and in
+    ``dtypes[i]`` (default: its samples' dtype)."""
     n = samples[0].shape[0]
     if n == 0:
-        return [torch.zeros(g.shape[1:], dtype=(dtypes[i] if dtypes else g.dtype), device=g.device)
+        return [torch.zeros(math.prod(g.shape[1:]), dtype=(dtypes[i] if dtypes else g.dtype), device=g.device)
                 for i, g in enumerate(samples)], torch.zeros(0)
     norms = per_sample_norms(samples)
     factors = clip_factors(norms, max_norm)
+    cast: dict = {}  # the factors once per (device, dtype)
     sums = []
     for i, g in enumerate(samples):
         dtype = dtypes[i] if dtypes else g.dtype
+        key = (g.device, dtype)
+        f = cast.get(key)
+        if f is None:
+            f = cast[key] = factors.to(device=g.device, dtype=dtype)
+        flat = g.reshape(n, -1)
         # the factor-weighted sum over samples as one vector-matrix product
-        sums.append((factors.to(device=g.device, dtype=dtype) @ g.reshape(n, -1).to(dtype)).view(g.shape[1:]))
+        sums.append(f @ (flat if flat.dtype == dtype else flat.to(dtype)))
     return sums, norms

@@ -99,3 +99,26 @@ def test_long_pairs_are_the_same_token_rows_in_both_trainers(tmp_path):
             full = tok(trl.prompt[i] + trl[side][i] + tok.eos_token, add_special_tokens=False).input_ids
             assert full[:len(prompt)] == prompt and len(prompt) == 64
             assert full == arr[f"{side}_input_ids"][i].tolist()
+
+
+def test_the_dp_sgd_step_timed_by_the_bench_adds_its_noise(monkeypatch):
+    """The overhead bench times the whole DP-SGD step: per-pair clipping and the Gaussian noise, at the
+    fixed sigma = 1 (std sigma * C over every trainable parameter, once a step)."""
+    import torch
+
+    from props_ray.bench import dp_overhead
+    from props_ray.dpsgd import engine
+
+    draws = []
+    real = engine.gaussian_noise
+
+    def recording(std, reference, generator, secure):
+        draws.append((std, reference.numel()))
+        return real(std, reference, generator, secure)
+
+    monkeypatch.setattr(engine, "gaussian_noise", recording)
+    torch.manual_seed(0)
+    step, trainable, _ = dp_overhead.make_step("tiny", "dpsgd", 4, 8, torch.device("cpu"))
+    step()
+    step()
+    assert draws == [(1.0, trainable)] * 2

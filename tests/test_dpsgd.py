@@ -584,3 +584,25 @@ def test_seeded_streams_differ_per_trial_and_epsilon():
 
     assert torch.equal(coins(streams[("dpsgd-eps1", 1.0)]), coins(streams[("dpsgd-eps1", 1.0)]))  # replayable
     assert not torch.equal(coins(streams[("dpsgd-eps0.5", 0.5)]), coins(streams[("dpsgd-eps1", 1.0)]))
+
+
+def test_noise_for_all_parameters_is_one_draw_cut_into_their_shapes():
+    """One draw over every parameter's coordinates: independent N(0, std^2) entries, the parameters'
+    shapes, replayable from a seeded generator; mixed dtypes fall back to a draw per parameter."""
+    from scipy.stats import chi2
+
+    from props_ray.dpsgd.engine import gaussian_noise_like
+
+    shapes = [(300, 40), (7,), (50, 3, 20)]
+    like = [torch.zeros(s) for s in shapes]
+    noise = gaussian_noise_like(0.3, like, torch.Generator().manual_seed(3), secure=False)
+    assert [tuple(z.shape) for z in noise] == shapes
+    flat = torch.cat([z.reshape(-1) for z in noise]).double()
+    stat = float((flat ** 2).sum() / 0.3 ** 2)
+    assert chi2.ppf(1e-6, flat.numel()) < stat < chi2.ppf(1 - 1e-6, flat.numel())
+    # no two parameters get the same stretch of the draw
+    assert not torch.equal(noise[0].reshape(-1)[:7], noise[1])
+    again = gaussian_noise_like(0.3, like, torch.Generator().manual_seed(3), secure=False)
+    assert all(torch.equal(a, b) for a, b in zip(noise, again))
+    mixed = gaussian_noise_like(0.3, [torch.zeros(5), torch.zeros(4, dtype=torch.float64)], None, secure=True)
+    assert [z.dtype for z in mixed] == [torch.float32, torch.float64]

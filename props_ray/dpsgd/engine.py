@@ -82,15 +82,21 @@ class PairDPOptimizer(DPOptimizer):
 
     def add_noise(self) -> None:
         """p.grad = local clipped sum (+ the step's noise on rank 0 only)."""
-        for p in self.params:
+        params = self.params
+        sums = []
+        for p in params:
             if p.summed_grad is None:  # no pair of this rank in this logical batch
                 p.summed_grad = torch.zeros_like(p)
             _check_processed_flag(p.summed_grad)
-            g = p.summed_grad.view_as(p)
-            if self.rank == 0 and self.noise_multiplier > 0:
-                g = g + gaussian_noise(self.noise_multiplier * self.max_grad_norm, g, self.generator,
-                                       self.secure_mode)
-            p.grad = g.clone()
+            sums.append(p.summed_grad.view_as(p))
+        if self.rank == 0 and self.noise_multiplier > 0:
+            noise = gaussian_noise_like(self.noise_multiplier * self.max_grad_norm, sums, self.generator,
+                                        self.secure_mode)
+            grads = torch._foreach_add(sums, noise)
+        else:
+            grads = [g.clone() for g in sums]
+        for p, g in zip(params, grads):
+            p.grad = g
             _mark_as_processed(p.summed_grad)
 
     def reduce_gradients(self) -> None:
@@ -106,8 +112,7 @@ class PairDPOptimizer(DPOptimizer):
             offset += n
 
     def scale_grad(self) -> None:
-        for p in self.params:
-            p.grad /= self.expected_batch_size
+        torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size)
 
     def pre_step(self, closure=None) -> bool:
         self.add_noise()
@@ -141,6 +146,18 @@ def gaussian_noise(std: float, reference: torch.Tensor, generator: torch.Generat
         return (z * std).to(device=reference.device, dtype=reference.dtype)
     return torch.normal(0.0, std, size=reference.shape, device=reference.device, generator=generator,
                         dtype=reference.dtype)
+
+
+def gaussian_noise_like(std: float, tensors: list[torch.Tensor], generator: torch.Generator | None,
+                        secure: bool) -> list[torch.Tensor]:
+    """N(0, std^2) per coordinate of every tensor in ``tensors``, independent across them: one draw of
+    their total size when they share a dtype and a device (one kernel, not one a parameter), cut into
+    their shapes; a draw per tensor otherwise."""
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        return [gaussian_noise(std, t, generator, secure) for t in tensors]
+    first = tensors[0]
+    flat = gaussian_noise(std, first.new_empty(sum(t.numel() for t in tensors)), generator, secure)
+    return [z.view_as(t) for z, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def stream_id(trial: str | None, epsilon: float | None) -> int:

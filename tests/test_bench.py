@@ -61,6 +61,10 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     r = s["relabel"]
     assert r["max_margin_difference"] < 1e-5  # both paths computed the same scores
     assert r["ray_data_pairs_per_s"] > 0 and r["plain_loop_pairs_per_s"] > 0 and r["actor_startup_s"] > 0
+    # the plain loop brackets the actor pool: its figure is the mean of the runs before and after
+    assert r["plain_loop_pairs_per_s"] == pytest.approx(
+        (r["plain_loop_before_pairs_per_s"] + r["plain_loop_after_pairs_per_s"]) / 2)
+    assert r["ratio"] == pytest.approx(r["ray_data_pairs_per_s"] / r["plain_loop_pairs_per_s"])
     assert 0 < r["tasks_startup_next_s"] < r["tasks_wall_next_s"]
     p = s["ppo"]
     assert p["worker_sequences_per_s"] > 0 and p["ray_data_sequences_per_s"] > 0

@@ -232,7 +232,9 @@ def format_report(report: dict) -> str:
         r = s["relabel"]
         lines.append(f"relabel: actor start-up {r['actor_startup_s']:.1f}s (model load {r['actor_init_s']:.1f}s), "
                      f"{r['pairs']} pairs in {r['ray_data_wall_s']:.1f}s through Ray Data; "
-                     f"scores agree to {r['max_margin_difference']:.1e}")
+                     f"scores agree to {r['max_margin_difference']:.1e}; the plain loop "
+                     f"{r['plain_loop_before_pairs_per_s']:.0f} pairs/s before the pool and "
+                     f"{r['plain_loop_after_pairs_per_s']:.0f} after (the table has their mean)")
         lines.append(f"relabel on CPUs (model-caching tasks, a new stage model each): start-up "
                      f"{r['tasks_startup_first_s']:.1f}s the first time, {r['tasks_startup_next_s']:.1f}s the next, "
                      f"which took {r['tasks_wall_next_s']:.1f}s in all")

@@ -9,8 +9,9 @@ the time from the end of that batch to the end of its last, so it includes
 Ray Data's hand-over between batches but not the actor's start-up, which is
 reported separately (from the ``map_batches`` call to the first batch). The plain loop runs
 just before and just after the actor pool, and its figure is the mean of the two, so a machine
-that gets slower or faster during the measurement moves both sides alike (one plain run after the
-pool read 3,236 to 4,281 pairs/s from run to run on the 2-core machine).
+that gets slower or faster during the measurement moves both sides alike. That does not remove the
+spread between runs: on the 2-core machine the loop read 3,236 to 4,281 pairs/s from one run to the
+next, while in each run its two figures agreed within 4%.
 
 The CPU path that jobs take by default (Ray Data tasks on pooled worker
 processes) is timed the same way, twice, each with a new stage model, as in a

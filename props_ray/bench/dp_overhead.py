@@ -161,8 +161,8 @@ def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype
         engine = DPSGDEngine(target_epsilon=None, delta=1e-5, max_grad_norm=1.0, expected_batch_size=batch,
                              epochs=1, noise_multiplier=1.0)
         model, optimizer = engine.wrap(policy, optimizer)
-        engine.stage = 1  # what start_stage does, with sigma fixed at 1 rather than calibrated
-        optimizer.noise_multiplier = engine.accounting.plan(1, 10 * batch, batch, 1, None, 1.0).noise_multiplier
+        # start_stage without a shard to materialize: sigma fixed at 1 rather than calibrated
+        engine.enter_stage(1, engine.accounting.plan(1, 10 * batch, batch, 1, None, 1.0))
 
         def backward_and_step(per_pair):
             engine.backward(per_pair)

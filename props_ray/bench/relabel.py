@@ -41,17 +41,22 @@ def _steady(starts: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> float:
 
 
 def _plain_loop(scorer, data: pd.DataFrame, batch_size: int) -> tuple[float, list]:
-    """The same ``StageScorer`` called directly on the same batches in this process: (steady pairs/s,
-    the margins of each batch)."""
+    """The same ``StageScorer`` called directly on the same batches in this process, with one torch
+    thread as in its actor: (steady pairs/s, the margins of each batch)."""
     from props_ray.dpo.tokenize import PAIR_TENSORS
 
-    starts, ends, sizes, margins = [], [], [], []
-    for i in range(0, len(data), batch_size):
-        chunk = data.iloc[i:i + batch_size]
-        s = time.time()
-        batch = {"id": chunk["id"].to_numpy(), **{k: np.stack(chunk[k].to_numpy()) for k in PAIR_TENSORS}}
-        margins.append(scorer(batch)["margin"])
-        starts.append(s), ends.append(time.time()), sizes.append(len(chunk))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        starts, ends, sizes, margins = [], [], [], []
+        for i in range(0, len(data), batch_size):
+            chunk = data.iloc[i:i + batch_size]
+            s = time.time()
+            batch = {"id": chunk["id"].to_numpy(), **{k: np.stack(chunk[k].to_numpy()) for k in PAIR_TENSORS}}
+            margins.append(scorer(batch)["margin"])
+            starts.append(s), ends.append(time.time()), sizes.append(len(chunk))
+    finally:
+        torch.set_num_threads(threads)
     return _steady(np.array(starts), np.array(ends), np.array(sizes)), margins
 
 
@@ -73,10 +78,10 @@ def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int
         threads = torch.get_num_threads()
         try:
             scorer = StageScorer(base_path, adapter, cfg.model.model_dump(), cfg.train.beta)  # sets 1 thread
-            data = ds.to_pandas()
-            loop_before, _ = _plain_loop(scorer, data, batch_size)
         finally:
             torch.set_num_threads(threads)
+        data = ds.to_pandas()
+        loop_before, _ = _plain_loop(scorer, data, batch_size)
 
         # -- Ray Data actor pool (one actor, as in the pipeline) -------------------------
         t0 = time.time()
@@ -89,11 +94,7 @@ def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int
         first_batch = float(batches["batch_start"].min())
 
         # -- the plain loop again, right after ------------------------------------------
-        try:
-            torch.set_num_threads(1)  # as the scorer set it
-            loop_after, margins = _plain_loop(scorer, data, batch_size)
-        finally:
-            torch.set_num_threads(threads)
+        loop_after, margins = _plain_loop(scorer, data, batch_size)
         loop_rate = (loop_before + loop_after) / 2
         # -- the CPU path: model-caching tasks, two successive relabels with new stage models --------
         tasks = []

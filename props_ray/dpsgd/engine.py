@@ -280,6 +280,11 @@ class DPSGDEngine:
                 old = self.accounting.stages.get(stage)
                 self.accounting.stages[stage] = plan if old is None else old
                 plan = self.accounting.stages[stage]
+        self.enter_stage(stage, plan)
+
+    def enter_stage(self, stage: int, plan) -> None:
+        """Train stage ``stage`` under ``plan`` from now on: its accountant and its sigma (set on the
+        optimizer here only, so nothing that enters a stage can leave the noise at 0)."""
         self.stage = stage
         self.optimizer.noise_multiplier = plan.noise_multiplier
 

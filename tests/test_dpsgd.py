@@ -194,9 +194,11 @@ def test_per_pair_clipped_sum_matches_torch_func(kind, layout):
     assert rel_diff(per_row, clipped_sum(per_pair, small_c)[0]) > 1e-2
 
 
-def test_per_pair_samples_of_every_layer_type_match_torch_func():
+@pytest.mark.parametrize("backward", ["module", "plain"])
+def test_per_pair_samples_of_every_layer_type_match_torch_func(backward):
     """Linear layers (with bias) take the direct per-pair path; embeddings and layer norms take
-    Opacus's per-row samplers folded in the hook. Both against vmap(grad) over pairs."""
+    Opacus's per-row samplers folded in the hook. Both against vmap(grad) over pairs, through the
+    module's backward (what the engine runs) and a plain ``loss.backward()``."""
     from props_ray.dpsgd.grad_sample import PairGradSampleModule
 
     torch.manual_seed(0)
@@ -214,7 +216,8 @@ def test_per_pair_samples_of_every_layer_type_match_torch_func():
 
     model = PairGradSampleModule(net)
     rows = model(ids).sum(dim=(1, 2))
-    torch.nn.functional.logsigmoid(rows[:b] - rows[b:]).neg().sum().backward()
+    loss = torch.nn.functional.logsigmoid(rows[:b] - rows[b:]).neg().sum()
+    model.backward(loss) if backward == "module" else loss.backward()
     for n, p in net.named_parameters():
         assert p.grad_sample.shape == (b, *p.shape), n
         assert torch.allclose(p.grad_sample, want[n], atol=1e-10), n
@@ -294,6 +297,56 @@ def test_under_autocast_linear_activations_are_kept_in_the_low_precision_with_th
     assert set(low_dtypes) == {torch.bfloat16} and set(full_dtypes) == {torch.float32}
     for n in full:
         assert torch.equal(low[n], full[n]), n
+
+
+class _HookedLinear(torch.nn.Linear):
+    """A linear layer with a forward of its own: PairGradSampleModule forms its samples in hooks, not
+    in the linear layers' own backward."""
+
+    def forward(self, input):
+        return super().forward(input)
+
+
+@pytest.mark.parametrize("precision", ["float64", "bf16-autocast"])
+def test_linear_layers_own_backward_gives_the_hooks_samples_and_input_gradients(precision, monkeypatch):
+    """A trainable nn.Linear forms its samples in its own backward (_LinearSamples), which also gives
+    its input's gradient. Against the hook path (the same net with the linear layers' forward
+    overridden): the output, and every layer's samples (the first layer's depend on the input gradients
+    the later layers pass back), in float64 and under bf16 autocast, where the input gradient must be
+    computed in bf16 as autocast's linear computes it. The net's input needs no gradient, so nothing
+    but the samples needs the first layer's backward to run: the module's backward runs it all the same.
+    And remove_hooks() gives the class's forward back."""
+    from props_ray.dpsgd.grad_sample import PairGradSampleModule, _LinearSamples
+
+    samplers = PairGradSampleModule.GRAD_SAMPLERS  # Opacus's registry: the subclass is a linear layer too
+    monkeypatch.setitem(samplers, _HookedLinear, samplers[torch.nn.Linear])
+
+    def run(linear_type):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(linear_type(6, 8), torch.nn.Tanh(), linear_type(8, 8), torch.nn.Tanh(),
+                                  linear_type(8, 1, bias=False))
+        x = torch.randn(10, 3, 6)  # 5 pairs of 2 rows
+        if precision == "float64":
+            net, x = net.double(), x.double()
+        model = PairGradSampleModule(net)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float64"):
+            out = model(x)
+        rows = out.float().sum(dim=(1, 2))
+        model.backward(torch.nn.functional.logsigmoid(rows[:5] - rows[5:]).neg().sum())
+        samples = {n: p.grad_sample for n, p in net.named_parameters()}
+        assert all(p.grad is None for p in net.parameters())  # no summed gradient is formed
+        return model, net, out, samples
+
+    model, net, out, own = run(torch.nn.Linear)
+    assert isinstance(out.grad_fn, _LinearSamples._backward_cls)
+    _, _, hooked_out, hooked = run(_HookedLinear)
+    assert out.dtype == hooked_out.dtype and torch.equal(out, hooked_out)
+    assert set(own) == set(hooked)
+    for n in own:
+        assert own[n].shape[0] == 5, n
+        assert torch.equal(own[n], hooked[n]), n
+    model.remove_hooks()
+    assert all("forward" not in m.__dict__ for m in net.modules())
 
 
 def test_per_pair_samples_refuse_an_odd_number_of_rows():

@@ -11,10 +11,11 @@ The privacy unit is one preference pair: prompt, both responses and the label.
   depends on row i and row B+i only, so the gradient of pair i's loss is exactly the sum of the
   per-row gradients of rows i and B+i.
 
-:class:`PairGradSampleModule` computes the samples of either layout in per-layer hooks. The forward
-tells it which one it runs (``rows_per_pair``, set by ``pair_logprobs``); the layout travels with
-what the forward keeps for the backward, so each backward reads the layout of its own forward. For a
-linear layer in the 2B-row layout, pair i's weight gradient is
+:class:`PairGradSampleModule` computes the samples of either layout, for a linear layer in that layer's
+own backward (:class:`_LinearSamples`, which its forward runs in training), for other layers in
+per-layer hooks. The forward tells it which layout it runs (``rows_per_pair``, set by
+``pair_logprobs``); the layout travels with what the forward keeps for the backward, so each backward
+reads the layout of its own forward. For a linear layer in the 2B-row layout, pair i's weight gradient is
 ``sum_t g[i,t] a[i,t]^T + sum_t g[B+i,t] a[B+i,t]^T``, two batched products over contiguous halves
 of the rows, so no [2B, ...] per-row tensor is ever allocated. Other module types use Opacus's own
 sampler, folded with :func:`fold_pair_rows` inside the hook in the 2B-row layout. The optimizer then
@@ -26,7 +27,6 @@ calibrated for.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from opacus import GradSampleModule
@@ -40,10 +40,16 @@ class _OutputGradHooks(GradSampleModule):
     Opacus registers a forward hook and a *full* backward hook per layer; the latter wraps every
     hooked layer's inputs and outputs in extra autograd nodes on each forward, and its backward pass
     goes through a general path (a zero-filled buffer per parameter sized for packed sequences). A
-    per-sample gradient needs only the layer's input and the gradient with respect to its output. So
-    the forward hook here keeps the input and registers a hook on the output tensor that computes the
-    samples with Opacus's samplers. What the forward keeps travels in that hook, not in a list on the
-    module, so each backward pairs with its own forward. ``p.grad_sample`` follows Opacus: summed over a
+    per-sample gradient needs only the layer's input and the gradient with respect to its output.
+
+    - A trainable ``torch.nn.Linear`` (every LoRA matrix) runs, in a training forward, as one autograd
+      function (:class:`_LinearSamples`) that keeps its input and whose backward gives the input's
+      gradient and the layer's samples: no hook at all, and no weight gradient.
+    - Any other trainable layer gets a forward hook that keeps the input and registers a hook on the
+      output tensor, which computes the samples with Opacus's samplers.
+
+    What a forward keeps travels with its own autograd node or hook, not in a list on the module, so
+    each backward pairs with its own forward. ``p.grad_sample`` follows Opacus: summed over a
     layer's uses in one backward, a list over backward passes.
 
     ``loss_reduction='sum'``: the engine back-propagates the *sum* of per-unit losses, so the samples
@@ -62,16 +68,50 @@ class _OutputGradHooks(GradSampleModule):
             raise ValueError("Trying to add hooks twice to the same model")
         self._module.autograd_grad_sample_hooks = []
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
-        # the hooked outputs of the forwards since the last backward (weakly: a plain loss.backward()
-        # frees them with the graph)
-        self._outputs: list[weakref.ref] = []
+        # the parameters with samples (trainable when wrapped, as the optimizer's): what backward()
+        # differentiates towards, so that the backward of every layer with samples runs
+        self._sample_params: list[torch.Tensor] = []
         for module in self.iterate_submodules(self._module):
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            self._sample_params.extend(params)
+            if params and type(module).forward is torch.nn.Linear.forward:
+                module.forward = self._linear_forward_for(module, params)
+                self.autograd_grad_sample_hooks.append(_RestoreForward(module))
+                continue
             if type(module) not in self.GRAD_SAMPLERS:
                 prepare_layer(module, batch_first=True)
-            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if params:  # trainable when wrapped, as the optimizer's
+            if params:
                 self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._forward_hook_for(module, params)))
         self.enable_hooks()
+
+    def _add_samples(self, params, samples: dict) -> None:
+        """Add one use's samples to its layer's samples of this backward; at the layer's last use in the
+        backward its samples are complete (Opacus's ``p.grad_sample``: summed over a layer's uses in one
+        backward, a list over backward passes)."""
+        for p, g in samples.items():
+            current = getattr(p, "_current_grad_sample", None)
+            p._current_grad_sample = g if current is None else current + g
+        for p in params:
+            p._forward_counter -= 1
+            if p._forward_counter == 0 and hasattr(p, "_current_grad_sample"):
+                promote_current_grad_sample(p)
+
+    def _linear_forward_for(self, module, params):
+        """The forward of one trainable linear layer: in a training forward, :class:`_LinearSamples` (the
+        same output; its backward forms the layer's samples); otherwise the plain linear map. This takes
+        the place of a forward hook and a hook on the output tensor, whose Python cost per layer and
+        step was most of the per-sample overhead on small models."""
+        linear = torch.nn.functional.linear
+        samples = _LinearSamples.apply
+
+        def forward(input):
+            if self.hooks_enabled and module.training and torch.is_grad_enabled():
+                for p in params:
+                    p._forward_counter += 1
+                return samples(input, module.weight, module.bias, self, module, params)
+            return linear(input, module.weight, module.bias)
+
+        return forward
 
     def _forward_hook_for(self, module, params):
         """The forward hook of one layer: keeps its input, and hooks its output's gradient to form the
@@ -79,17 +119,10 @@ class _OutputGradHooks(GradSampleModule):
         every training forward)."""
         keep_low = isinstance(module, torch.nn.Linear)  # see kept_activations
         per_sample = self.per_sample
-        outputs = self._outputs
+        add_samples = self._add_samples
 
         def output_grad_hook(kept, rows_per_pair, grad):
-            samples = per_sample(module, kept, grad.detach(), rows_per_pair)
-            for p, g in samples.items():
-                current = getattr(p, "_current_grad_sample", None)
-                p._current_grad_sample = g if current is None else current + g
-            for p in params:  # the layer's last use in this backward: its samples are complete
-                p._forward_counter -= 1
-                if p._forward_counter == 0 and hasattr(p, "_current_grad_sample"):
-                    promote_current_grad_sample(p)
+            add_samples(params, per_sample(module, kept, grad.detach(), rows_per_pair))
 
         def forward_hook(module, forward_input, output):
             if not (self.hooks_enabled and module.training and torch.is_grad_enabled()
@@ -100,20 +133,20 @@ class _OutputGradHooks(GradSampleModule):
             kept = [t.detach() for t in (self.kept_activations(module, forward_input) if keep_low else forward_input)]
             rows_per_pair = self.rows_per_pair
             output.register_hook(lambda grad: output_grad_hook(kept, rows_per_pair, grad))
-            outputs.append(weakref.ref(output))
 
         return forward_hook
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate ``loss`` as far as the hooked layers' outputs only: their hooks compute the
-        samples, and autograd skips the summed parameter gradients (``p.grad``), which DP-SGD never
-        uses. (A plain ``loss.backward()`` gives the same samples, and ``p.grad`` as well.)"""
-        outputs = [t for t in (ref() for ref in self._outputs) if t is not None]
-        self._outputs.clear()  # in place: the forward hooks hold this list
-        if not outputs:  # no hooked layer took part in the forward: there is no sample to form
+        """Back-propagate ``loss`` for the samples only. It differentiates towards the parameters with
+        samples, so the backward of every layer that took part runs: a linear layer's own backward forms
+        its samples and gives no parameter gradient; another layer's output hook forms its samples before
+        its backward, whose parameter gradients are returned here and dropped. No ``p.grad`` is formed:
+        DP-SGD never uses it. (A plain ``loss.backward()`` gives the same samples, and ``p.grad`` of the
+        hooked layers.)"""
+        if not self._sample_params:  # nothing trainable to form samples of
             loss.backward()
             return
-        torch.autograd.grad(loss, outputs, allow_unused=True)
+        torch.autograd.grad(loss, self._sample_params, allow_unused=True)
 
     #: what one sample is made of, in rows; only pair samplers set it to anything but 1
     rows_per_pair = 1
@@ -137,6 +170,41 @@ class _OutputGradHooks(GradSampleModule):
     @property
     def module(self) -> torch.nn.Module:
         return self._module
+
+
+class _RestoreForward:
+    """The handle of a replaced ``forward``: ``remove()`` gives the layer its class's forward back."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+class _LinearSamples(torch.autograd.Function):
+    """``linear(input, weight, bias)`` whose backward also forms the layer's per-sample gradients.
+
+    Forward: the input is kept as :meth:`_OutputGradHooks.kept_activations` keeps it (in the autocast
+    dtype under autocast, which is what the linear map multiplies in anyway, so the output is the
+    same), with the pair layout of this forward. Backward: the input's gradient ``grad @ weight`` (in
+    the gradient's dtype, as autocast's linear computes it) and the samples, from the owner's sampler,
+    added to the layer's samples of this backward. The parameters get no gradient: DP-SGD uses only
+    the samples."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, owner, module, params):
+        kept = owner.kept_activations(module, [input])[0].detach()
+        ctx.save_for_backward(kept, weight)
+        ctx.owner, ctx.module, ctx.params, ctx.rows_per_pair = owner, module, params, owner.rows_per_pair
+        return torch.nn.functional.linear(kept, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kept, weight = ctx.saved_tensors
+        grad_input = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        ctx.owner._add_samples(ctx.params, ctx.owner.per_sample(ctx.module, [kept], grad, ctx.rows_per_pair))
+        return grad_input, None, None, None, None, None
 
 
 class PairGradSampleModule(_OutputGradHooks):

@@ -349,6 +349,28 @@ def test_linear_layers_own_backward_gives_the_hooks_samples_and_input_gradients(
     assert all("forward" not in m.__dict__ for m in net.modules())
 
 
+def test_under_autocast_a_linear_layer_keeps_one_low_precision_copy_of_its_input():
+    """What a trainable linear layer's training forward keeps for the backward under bf16 autocast: its
+    input once, in bf16, and its own weight, with no hook on the layer keeping anything beside autograd
+    (a forward hook beside autograd's linear kept a second bf16 copy of the input, and the linear a cast
+    copy of the weight)."""
+    from props_ray.dpsgd.grad_sample import PairGradSampleModule
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 8, bias=False)
+    model = PairGradSampleModule(lin)
+    x = torch.randn(4, 3, 6, requires_grad=True)  # an input gradient to form too, as inside a network
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    activations = [t for t in saved if t.untyped_storage().data_ptr() != lin.weight.untyped_storage().data_ptr()]
+    assert out.dtype == torch.bfloat16
+    assert not lin._forward_hooks and not lin._forward_pre_hooks
+    assert [(t.dtype, t.numel()) for t in activations] == [(torch.bfloat16, x.numel())]
+    assert torch.equal(activations[0].reshape(x.shape), x.detach().to(torch.bfloat16))
+
+
 def test_per_pair_samples_refuse_an_odd_number_of_rows():
     from props_ray.dpsgd.grad_sample import PairGradSampleModule
 

@@ -236,7 +236,7 @@ class DPSGDEngine:
         dp = cfg.privacy.dpsgd
         if cfg.model.gradient_checkpointing:
             raise PrivacyConfigError("method 'dpsgd' does not support model.gradient_checkpointing "
-                                     "(Opacus's per-sample hooks would see each forward twice)")
+                                     "(the per-pair samples would count each recomputed forward twice)")
         total = int(loop_config.get("total_pairs") or loop_config["num_pairs"])
         return cls(target_epsilon=loop_config.get("epsilon"), delta=resolve_delta(dp.delta, total),
                    max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size or cfg.train.batch_size,

@@ -351,9 +351,9 @@ def test_linear_layers_own_backward_gives_the_hooks_samples_and_input_gradients(
 
 def test_under_autocast_a_linear_layer_keeps_one_low_precision_copy_of_its_input():
     """What a trainable linear layer's training forward keeps for the backward under bf16 autocast: its
-    input once, in bf16, and its own weight, with no hook on the layer keeping anything beside autograd
-    (a forward hook beside autograd's linear kept a second bf16 copy of the input, and the linear a cast
-    copy of the weight)."""
+    input once, in bf16, and its weight's bf16 cast (as autocast's own linear keeps them), with no hook
+    on the layer keeping anything beside autograd (a forward hook beside autograd's linear kept a
+    second bf16 copy of the input)."""
     from props_ray.dpsgd.grad_sample import PairGradSampleModule
 
     torch.manual_seed(0)
@@ -364,11 +364,32 @@ def test_under_autocast_a_linear_layer_keeps_one_low_precision_copy_of_its_input
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    activations = [t for t in saved if t.untyped_storage().data_ptr() != lin.weight.untyped_storage().data_ptr()]
     assert out.dtype == torch.bfloat16
     assert not lin._forward_hooks and not lin._forward_pre_hooks
-    assert [(t.dtype, t.numel()) for t in activations] == [(torch.bfloat16, x.numel())]
-    assert torch.equal(activations[0].reshape(x.shape), x.detach().to(torch.bfloat16))
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.bfloat16, x.numel()), (torch.bfloat16, lin.weight.numel())]
+    assert torch.equal(saved[0].reshape(x.shape), x.detach().to(torch.bfloat16))
+    assert torch.equal(saved[1], lin.weight.detach().to(torch.bfloat16))
+
+
+def test_autocast_leaves_a_float64_linear_layer_and_its_samples_as_they_are():
+    """Autocast casts float32 (and half) tensors only: a float64 layer under autocast runs, and forms its
+    samples, in float64, the same as without autocast."""
+    from props_ray.dpsgd.grad_sample import PairGradSampleModule
+
+    def samples(autocast: bool):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(6, 3).double()
+        model = PairGradSampleModule(lin)
+        x = torch.randn(8, 2, 6, dtype=torch.float64, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        rows = out.sum(dim=(1, 2))
+        model.backward(torch.nn.functional.logsigmoid(rows[:4] - rows[4:]).neg().sum())
+        return out, {n: p.grad_sample for n, p in lin.named_parameters()}
+
+    (out, got), (want_out, want) = samples(True), samples(False)
+    assert out.dtype == torch.float64 and torch.equal(out, want_out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
 
 
 def test_per_pair_samples_refuse_an_odd_number_of_rows():

@@ -164,12 +164,16 @@ class _OutputGradHooks(GradSampleModule):
             kind = forward_input[0].device.type
             if torch.is_autocast_enabled(kind):
                 low = torch.get_autocast_dtype(kind)
-                return [t.to(low) if t.is_floating_point() else t for t in forward_input]
+                return [t.to(low) if t.dtype in _AUTOCAST_ELIGIBLE else t for t in forward_input]
         return forward_input
 
     @property
     def module(self) -> torch.nn.Module:
         return self._module
+
+
+#: what autocast casts to its low precision (it leaves float64 and integer tensors as they are)
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _RestoreForward:
@@ -187,14 +191,18 @@ class _LinearSamples(torch.autograd.Function):
 
     Forward: the input is kept as :meth:`_OutputGradHooks.kept_activations` keeps it (in the autocast
     dtype under autocast, which is what the linear map multiplies in anyway, so the output is the
-    same), with the pair layout of this forward. Backward: the input's gradient ``grad @ weight`` (in
-    the gradient's dtype, as autocast's linear computes it) and the samples, from the owner's sampler,
-    added to the layer's samples of this backward. The parameters get no gradient: DP-SGD uses only
-    the samples."""
+    same), with the weight (under autocast its cast, as autocast's linear keeps it) and the pair
+    layout of this forward. Backward: the input's gradient ``grad @ weight`` (in the gradient's dtype,
+    as autocast's linear computes it) and the samples, from the owner's sampler, added to the layer's
+    samples of this backward. The parameters get no gradient: DP-SGD uses only the samples."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, owner, module, params):
         kept = owner.kept_activations(module, [input])[0].detach()
+        kind = input.device.type
+        if torch.is_autocast_enabled(kind) and weight.dtype in _AUTOCAST_ELIGIBLE:
+            # autocast's cast, done here to keep it for the input's gradient (as autocast's linear does)
+            weight = weight.detach().to(torch.get_autocast_dtype(kind))
         ctx.save_for_backward(kept, weight)
         ctx.owner, ctx.module, ctx.params, ctx.rows_per_pair = owner, module, params, owner.rows_per_pair
         return torch.nn.functional.linear(kept, weight, bias)

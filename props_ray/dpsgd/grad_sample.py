@@ -98,9 +98,9 @@ class _OutputGradHooks(GradSampleModule):
 
     def _linear_forward_for(self, module, params):
         """The forward of one trainable linear layer: in a training forward, :class:`_LinearSamples` (the
-        same output; its backward forms the layer's samples); otherwise the plain linear map. This takes
-        the place of a forward hook and a hook on the output tensor, whose Python cost per layer and
-        step was most of the per-sample overhead on small models."""
+        same output; its backward forms the layer's samples); otherwise the plain linear map. In place
+        of a forward hook beside autograd's linear, which kept a second copy of the input under
+        autocast."""
         linear = torch.nn.functional.linear
         samples = _LinearSamples.apply
 

@@ -129,10 +129,10 @@ def test_the_dp_sgd_step_timed_by_the_bench_adds_its_noise(monkeypatch):
 
 
 def test_the_kept_activations_count_runs_under_autocast_on_a_cpu():
-    """``--kept`` counts what a training forward saves for its backward under autocast, on a CPU too: in
+    """``props_ray.bench.kept_for_backward`` counts what a training forward saves for its backward under autocast, on a CPU too: in
     bf16 the tiny model's DP-SGD forward keeps less than in float32, and about what the non-private one
     keeps (the per-pair capture keeps each adapted layer's input once)."""
-    from props_ray.bench.dp_overhead import measure_kept
+    from props_ray.bench.kept_for_backward import measure_kept
 
     kept = {(mode, dtype): measure_kept("tiny", mode, 32, 16, dtype)["kept_mib"]
             for mode in ("nonprivate", "dpsgd") for dtype in ("float32", "bfloat16")}

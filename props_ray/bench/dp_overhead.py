@@ -3,7 +3,6 @@
     props-ray bench --only dp_overhead          (part of the bench table)
     python -m props_ray.bench.dp_overhead [--batch 32] [--steps 20] [--large-on-cpu]   (details)
     python -m props_ray.bench.dp_overhead --model pythia-160m-arch --batch 8 --length 128 --steps 3
-    python -m props_ray.bench.dp_overhead --kept --dtype bfloat16 [--model pythia-160m-arch]   (saved for backward)
 
 Both modes run the same training step as ``props_ray.train.loop`` on the same
 fixed batch of pairs: reference log-probs (LoRA disabled, no grad), policy
@@ -253,46 +252,6 @@ def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: i
     return out
 
 
-def measure_kept(model_name: str, mode: str, batch: int, length: int, dtype: str = "float32") -> dict:
-    """What one training forward of the policy keeps for its backward beyond the model's parameters, in
-    MiB: every storage autograd saves, counted once, a parameter's own storage not counted. A linear
-    layer's per-sample capture saves its input through autograd, so with LoRA (every adapted layer
-    linear) the count covers DP-SGD's kept inputs; a hooked layer of another type keeps its input
-    outside autograd, which this does not count. Under autocast in ``dtype`` on this device, CPU included
-    (``measure_memory`` autocasts on CUDA only). Deterministic, unlike a peak."""
-    import torch
-
-    from props_ray.dpo.logprobs import pair_logprobs
-    from props_ray.modeling import AUTOCAST_DTYPES
-
-    device = _device()
-    torch.manual_seed(0)
-    policy, vocab = build_model(model_name)
-    model = policy.to(device).train()
-    if mode == "dpsgd":
-        from props_ray.dpsgd.engine import DPSGDEngine
-
-        engine = DPSGDEngine(target_epsilon=None, delta=1e-5, max_grad_norm=1.0, expected_batch_size=batch,
-                             epochs=1, noise_multiplier=1.0)
-        model, _ = engine.wrap(policy, torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad]))
-    data = make_batch(batch, length, vocab, device)
-    parameters = {(p.device, p.untyped_storage().data_ptr()) for p in policy.parameters()}
-    storages: dict = {}
-
-    def keep(t):
-        storage = t.untyped_storage()
-        key = (storage.device, storage.data_ptr())
-        if key not in parameters:
-            storages[key] = storage.nbytes()
-        return t
-
-    amp = AUTOCAST_DTYPES.get(dtype)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
-            torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        pair_logprobs(model, data, share_prompt=True)
-    return {"kept_mib": sum(storages.values()) / 2**20, "device": device.type}
-
-
 # --------------------------------------------------------------------------- driver
 
 def run_child(args, what: str, model: str, mode: str, batch: int, length: int, steps: int, warmup: int,
@@ -360,9 +319,6 @@ def main(argv=None) -> None:
                     help="autocast precision of the forwards on CUDA (weights stay float32)")
     ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="precision of the frozen base weights (the LoRA adapters stay float32)")
-    ap.add_argument("--kept", action="store_true",
-                    help="print only what one training forward keeps for its backward (MiB, both modes, under "
-                         "autocast in --dtype, on a CPU too): a count of the saved storages, not a peak")
     ap.add_argument("--large-on-cpu", action="store_true",
                     help="also run the Pythia-410m-architecture model without CUDA (slow)")
     ap.add_argument("--model", action="append", choices=["tiny", *PYTHIA],
@@ -380,15 +336,6 @@ def main(argv=None) -> None:
         else:
             print(json.dumps(measure_memory(model, mode, args.batch, args.length, args.steps, args.warmup,
                                             args.dtype, args.weights)))
-        return
-
-    if args.kept:
-        for model in args.model or ["tiny"]:
-            batch, length = args.batch or (32 if model == "tiny" else 8), args.length or (16 if model == "tiny" else 128)
-            kept = {m: measure_kept(model, m, batch, length, args.dtype)["kept_mib"] for m in ("nonprivate", "dpsgd")}
-            print(f"{model}: {batch} pairs x 2 rows x {length} tokens, {args.dtype}: kept for the backward "
-                  f"non-private {kept['nonprivate']:.2f} MiB, dp-sgd {kept['dpsgd']:.2f} MiB, "
-                  f"ratio {kept['dpsgd'] / kept['nonprivate']:.3f}")
         return
 
     import torch

@@ -135,6 +135,14 @@ def make_batch(n: int, length: int, vocab: int, device):
     return {k: v.to(device) for k, v in out.items()}
 
 
+def bench_engine(batch: int):
+    """The bench's DP-SGD engine: C = 1 and a fixed sigma = 1 (no calibration), ``batch`` pairs a step."""
+    from props_ray.dpsgd.engine import DPSGDEngine
+
+    return DPSGDEngine(target_epsilon=None, delta=1e-5, max_grad_norm=1.0, expected_batch_size=batch, epochs=1,
+                       noise_multiplier=1.0)
+
+
 def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype: str = "float32",
               weights: str = "float32"):
     """(step function returning (total seconds, reference-forward seconds), trainable count, total count).
@@ -156,10 +164,7 @@ def make_step(model_name: str, mode: str, batch: int, length: int, device, dtype
     data = make_batch(batch, length, vocab, device)
 
     if mode == "dpsgd":
-        from props_ray.dpsgd.engine import DPSGDEngine
-
-        engine = DPSGDEngine(target_epsilon=None, delta=1e-5, max_grad_norm=1.0, expected_batch_size=batch,
-                             epochs=1, noise_multiplier=1.0)
+        engine = bench_engine(batch)
         model, optimizer = engine.wrap(policy, optimizer)
         # start_stage without a shard to materialize: sigma fixed at 1 rather than calibrated
         engine.enter_stage(1, engine.accounting.plan(1, 10 * batch, batch, 1, None, 1.0))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from props_ray.bench.dp_overhead import PYTHIA, _device, build_model, make_batch
+from props_ray.bench.dp_overhead import PYTHIA, _device, bench_engine, build_model, make_batch
 
 
 def measure_kept(model_name: str, mode: str, batch: int, length: int, dtype: str = "float32") -> dict:
@@ -30,11 +30,7 @@ def measure_kept(model_name: str, mode: str, batch: int, length: int, dtype: str
     policy, vocab = build_model(model_name)
     model = policy.to(device).train()
     if mode == "dpsgd":
-        from props_ray.dpsgd.engine import DPSGDEngine
-
-        engine = DPSGDEngine(target_epsilon=None, delta=1e-5, max_grad_norm=1.0, expected_batch_size=batch,
-                             epochs=1, noise_multiplier=1.0)
-        model, _ = engine.wrap(policy, torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad]))
+        model, _ = bench_engine(batch).wrap(policy, torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad]))
     data = make_batch(batch, length, vocab, device)
     parameters = {(p.device, p.untyped_storage().data_ptr()) for p in policy.parameters()}
     storages: dict = {}

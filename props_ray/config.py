@@ -131,6 +131,7 @@ class EvalConfig(_Section):
     max_new_tokens: int | None = Field(None, gt=0, description="default: the task's response length")
     temperature: float = Field(1.0, gt=0)
     samples_per_prompt: int = Field(2, gt=0)
+    batch_size: int | None = Field(None, gt=0, description="rows per generation batch; default 256 with the embedded model, else 64")
     judge: str = Field("oracle", description="'oracle' (embedded task) or a reward-model id/path")
     label_accuracy: bool | None = Field(None, description="default: on for the embedded task, off otherwise")
 
@@ -283,8 +284,7 @@ class JobConfig(_Section):
 
     def variants(self) -> list["JobConfig"]:
         """One config per (seed, K) of the sweep; a job without a sweep is its own single variant."""
-        seeds = self.sweep.seeds or [self.seed]
-        ks = self.sweep.stages or [self.stages]
+        seeds, ks = self.sweep.seeds or [self.seed], self.sweep.stages or [self.stages]
         if (len(seeds), len(ks)) == (1, 1) and (seeds[0], ks[0]) == (self.seed, self.stages):
             return [self]
         out = []

@@ -4,7 +4,8 @@
 :func:`props_ray.batch_inference.map_with_model`): each actor, or each pooled
 worker process on CPUs, loads the model once (the reference, or the reference plus a stage
 adapter) and samples ``max_new_tokens`` tokens per prompt. Sampling is seeded
-per row, so a generation does not depend on how Ray Data batches the rows.
+per row (:class:`props_ray.sampling.RowDraw`), so a generation does not depend on how Ray Data
+batches the rows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 
 from props_ray.config import ModelConfig
-from props_ray.sampling import sample_tokens
+from props_ray.sampling import RowDraw, sample_tokens
 
 
 class ResponseGenerator:
@@ -43,27 +44,33 @@ class ResponseGenerator:
         prompts = [str(p) for p in batch["prompt"]]
         rows = [int(r) for r in batch["row"]]
         # An empty prompt starts from eos alone: unconditional sampling (the synthetic-instruction generator).
-        ids = [self.tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt_length:] or [self.tok.eos_token_id]
-               for p in prompts]
+        ids = [x[-self.max_prompt_length:] or [self.tok.eos_token_id]
+               for x in self.tok(prompts, add_special_tokens=False)["input_ids"]]
         responses: list[str] = [""] * len(prompts)
         by_length: dict[int, list[int]] = {}
         for i, x in enumerate(ids):
             by_length.setdefault(len(x), []).append(i)
         for group in by_length.values():  # equal-length prompts: one batched forward, no padding
             x = torch.tensor([ids[i] for i in group], device=self.device)
-            gens = [torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + rows[i]) for i in group]
-            for i, out in zip(group, self._sample(x, gens)):
-                responses[i] = self.tok.decode(out, skip_special_tokens=True).strip()
+            texts = self.tok.batch_decode(self._sample(x, [rows[i] for i in group]), skip_special_tokens=True)
+            for i, text in zip(group, texts):
+                responses[i] = text.strip()
         return {"prompt": batch["prompt"], "row": batch["row"], "response": np.array(responses, dtype=object)}
 
-    def _sample(self, x: torch.Tensor, gens: list[torch.Generator]) -> list[list[int]]:
-        """One seeded generator per row, so a row's sample does not depend on its batch; the eos that
-        ends a response is not part of its text."""
+    def _sample(self, x: torch.Tensor, rows: list[int]) -> list[list[int]]:
+        """Each row's draws come from its own stream (its index in the whole generation), so a row's
+        sample does not depend on its batch; the eos that ends a response is not part of its text."""
         eos = self.tok.eos_token_id
         outs = sample_tokens(self.model, x, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                             eos_id=eos, fixed_length=self.fixed_length,
-                             draw=lambda p: [int(torch.multinomial(p[i], 1, generator=g)) for i, g in enumerate(gens)])
+                             eos_id=eos, fixed_length=self.fixed_length, draw=RowDraw(self.seed, rows))
         return [o[:-1] if o and o[-1] == eos else o for o in outs]
+
+
+def batch_rows(cfg) -> int:
+    """Rows per Ray Data batch for a job's evaluation and annotation (``eval.batch_size``): by default 256
+    with the embedded model, whose batches cost mostly their fixed per-batch work, and 64 with a real
+    model, whose KV cache grows with the batch."""
+    return cfg.eval.batch_size or (256 if cfg.model.name == "embedded" else 64)
 
 
 def generate(prompts: list[str], *, base_path: str, adapter_path: str | None, model_cfg: ModelConfig,

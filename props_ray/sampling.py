@@ -1,16 +1,59 @@
 """Ancestral sampling with a KV cache: the one token loop behind evaluation's generations
 (:mod:`props_ray.generation`) and PPO's on-policy rollouts (:mod:`props_ray.ppo.rollout`).
 
-The caller chooses how each step's tokens are drawn from the step's probabilities (``draw``): one
-seeded generator per row for generations that must not depend on their batch, one generator for a
-rollout batch.
+The caller chooses how each step's tokens are drawn from the step's probabilities (``draw``):
+:class:`RowDraw` for generations that must not depend on their batch, one generator for a rollout
+batch.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 that spreads every input bit over the output."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def row_uniforms(seed: int, rows: np.ndarray, step: int) -> np.ndarray:
+    """[len(rows)] uniforms in [0, 1) with 53 bits, a pure function of (seed, row, step): a counter-based
+    stream, so a row's draws do not depend on which rows share its batch. Sampling randomness only;
+    privacy noise comes from :mod:`props_ray.privacy.randomness`."""
+    with np.errstate(over="ignore"):
+        z = _mix(np.full(len(rows), np.uint64(seed % 2 ** 64)) + _GOLDEN)
+        z = _mix(z ^ (np.asarray(rows).astype(np.uint64) + _GOLDEN))
+        z = _mix(z ^ (np.uint64(step) + _GOLDEN))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[B] tokens: row i's token is the first whose cumulative probability exceeds u_i times the row's
+    total (exact sampling of p given uniform u); never a token of probability zero."""
+    cdf = p.double().cumsum(-1)
+    idx = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True).squeeze(1)
+    last_possible = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1)  # rounding could step past the end
+    return torch.minimum(idx, last_possible)
+
+
+class RowDraw:
+    """``draw`` for :func:`sample_tokens` with a stream per row: step t of row r uses
+    ``row_uniforms(seed, r, t)``, whatever the batch. One vectorised draw per step."""
+
+    def __init__(self, seed: int, rows):
+        self.seed, self.rows, self.step = seed, np.asarray(rows, dtype=np.int64), 0
+
+    def __call__(self, p: torch.Tensor) -> list[int]:
+        u = torch.from_numpy(row_uniforms(self.seed, self.rows, self.step)).to(p.device)
+        self.step += 1
+        return inverse_cdf(p, u).tolist()
 
 
 @torch.no_grad()

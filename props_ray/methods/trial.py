@@ -39,14 +39,14 @@ def trial_name(method: "MethodSection", epsilon: float | None) -> str:
 
 def generate(cfg: "JobConfig", data: "PreparedData", base_path: str, adapter_path: str | None) -> pd.DataFrame:
     """Samples on the held-out prompts from the reference (``adapter_path`` None) or a trained policy."""
-    from props_ray.generation import generate as sample
+    from props_ray.generation import batch_rows, generate as sample
 
     return sample(data.eval_prompts, base_path=base_path, adapter_path=adapter_path, model_cfg=cfg.model,
                   samples_per_prompt=cfg.eval.samples_per_prompt,
                   max_new_tokens=cfg.eval.max_new_tokens or cfg.task.response_length,
                   temperature=cfg.eval.temperature, seed=cfg.seed + (0 if adapter_path is None else 1),
                   max_prompt_length=cfg.data.max_prompt_length, fixed_length=cfg.is_embedded,
-                  use_gpu=cfg.train.use_gpu, num_actors=1)
+                  use_gpu=cfg.train.use_gpu, num_actors=1, batch_size=batch_rows(cfg))
 
 
 @dataclass

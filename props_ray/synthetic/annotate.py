@@ -11,12 +11,12 @@ import pandas as pd
 
 def annotate(prompts: list[str], *, cfg, base_path: str, judge, seed: int) -> pd.DataFrame:
     """{id, prompt, chosen, rejected}, one pair per prompt whose two responses differ."""
-    from props_ray.generation import generate
+    from props_ray.generation import batch_rows, generate
 
     gens = generate(prompts, base_path=base_path, adapter_path=None, model_cfg=cfg.model, samples_per_prompt=2,
                     max_new_tokens=cfg.eval.max_new_tokens or cfg.task.response_length, temperature=1.0,
                     seed=seed, max_prompt_length=cfg.data.max_prompt_length, fixed_length=cfg.is_embedded,
-                    use_gpu=cfg.train.use_gpu)
+                    use_gpu=cfg.train.use_gpu, batch_size=batch_rows(cfg))
     a, b = gens["response"].to_numpy()[0::2], gens["response"].to_numpy()[1::2]
     if cfg.is_embedded:
         from props_ray.reference import embedded_task

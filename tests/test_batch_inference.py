@@ -55,3 +55,15 @@ def test_generations_are_the_same_with_actors_and_tasks_and_any_batching(ray_loc
     for key, out in runs.items():
         assert out["row"].tolist() == list(range(80)), key
         assert out["response"].tolist() == first["response"].tolist(), key
+
+
+def test_generation_batches_default_by_model_and_follow_eval_batch_size():
+    from props_ray.config import ConfigError, validate_job
+    from props_ray.generation import batch_rows
+
+    job = {"name": "j", "methods": [{"method": "rr"}]}
+    assert batch_rows(validate_job(job)) == 256  # the embedded model: per-batch costs dominate
+    assert batch_rows(validate_job({**job, "model": {"name": "EleutherAI/pythia-160m"}})) == 64
+    assert batch_rows(validate_job({**job, "eval": {"batch_size": 12}})) == 12
+    with pytest.raises(ConfigError, match=r"eval\.batch_size"):
+        validate_job({**job, "eval": {"batch_size": 0}})

@@ -39,13 +39,12 @@ def sft_rows(tokenizer, pairs: pd.DataFrame, max_prompt_length: int, max_respons
 def run_sft(cfg: JobConfig, source: str, out: str | Path, epsilon: float | None = None) -> dict:
     """SFT ``cfg.model.name`` on the chosen responses of ``source`` with the job's training settings; write
     the reference to ``out`` (a full model and its tokenizer, with ``sft.json``)."""
-    import ray.data
-
     from props_ray.data.loaders import load_preferences
     from props_ray.data.split import refuse_private_source
     from props_ray.modeling import build_policy, load_tokenizer
     from props_ray.ray_runtime import ensure_ray
     from props_ray.train.trainer import fit_stages, run_name_for
+    from props_ray.train.worker_group import rows_dataset
 
     if cfg.model.name == "embedded":
         raise UserError("sft: model.name is 'embedded', whose reference is already warmed up on public task "
@@ -63,7 +62,7 @@ def run_sft(cfg: JobConfig, source: str, out: str | Path, epsilon: float | None 
     ensure_ray(cfg.train.num_workers, cfg.train.cpus_per_worker)
     name = run_name_for("sft", out)
     ck = fit_stages(cfg, run_name=name, trial="sft", method="sft", engine="dpsgd" if epsilon else "standard",
-                    objective="language_model", stages=[1], datasets={1: ray.data.from_items(rows)},
+                    objective="language_model", stages=[1], datasets={1: rows_dataset(rows, cfg.train.num_workers)},
                     base_path=cfg.model.name, init_adapter=None, loss="sigmoid", flip_rate=None,
                     num_pairs=len(rows), extra={"epsilon": epsilon, "total_pairs": len(rows)})[0]
     model = build_policy(cfg.model.name, cfg.model, adapter_path=ck.model_path, trainable=False)

@@ -103,3 +103,19 @@ def test_use_gpu_with_too_few_gpus_is_refused_locally_and_a_warning_on_a_cluster
         check_gpus(1, {"CPU": 16}, local=True)
     warning = check_gpus(4, {"CPU": 16, "GPU": 2}, local=False)  # an autoscaler may add GPU nodes
     assert "has 2 now" in warning and "autoscaler" in warning
+
+
+def test_a_rows_dataset_has_a_block_per_worker_and_its_shards_partition_the_rows(ray_local):
+    import numpy as np
+
+    from props_ray.train.worker_group import rows_dataset, split_equally
+
+    rows = [{"i": i, "ids": np.arange(3) + i} for i in range(101)]
+    ds = rows_dataset(rows, 2)
+    assert ds.num_blocks() == 2  # not from_items' default of 200
+    shards = split_equally({"d": ds}, 2)["d"]
+    seen = [sorted(r["i"] for r in shard.take_all()) for shard in shards]
+    assert [len(s) for s in seen] == [50, 50]  # equal shards: one row is dropped, as split(equal=True) does
+    assert not set(seen[0]) & set(seen[1])
+    assert all(list(r["ids"]) == [r["i"], r["i"] + 1, r["i"] + 2] for shard in shards for r in shard.take_all())
+    assert rows_dataset(rows[:1], 4).count() == 1  # fewer rows than workers: one block, nothing lost

@@ -130,13 +130,12 @@ def fit_generator(cfg, prompts: list[str], base_path: str, *, name: str, epsilon
     (the histogram release) stays within ``epsilon``; delta from ``total_pairs``. The checkpoint carries
     the accountant.
     """
-    import ray.data
-
     from props_ray.modeling import load_tokenizer
     from props_ray.synthetic.generator import generator_rows
+    from props_ray.train.worker_group import rows_dataset
 
     tok = load_tokenizer(cfg.model.tokenizer or base_path)
-    ds = ray.data.from_items(generator_rows(tok, prompts, cfg.data.max_prompt_length))
+    ds = rows_dataset(generator_rows(tok, prompts, cfg.data.max_prompt_length), cfg.train.num_workers)
     return fit_stages(cfg, run_name=name, trial=name, method="generator",
                       engine="dpsgd" if epsilon is not None else "standard", objective="language_model",
                       stages=[1], datasets={1: ds}, base_path=base_path, init_adapter=None, loss="sigmoid",
@@ -157,10 +156,10 @@ def fit_ppo(cfg: JobConfig, prompts: list[str], base_path: str, reward_model: st
     of :func:`fit_reward_model`), on Ray Train workers; DP-PPO (per-prompt clipping, Poisson-sampled
     prompts, noise once per step, the accountant in every checkpoint) with ``epsilon``."""
     import numpy as np
-    import ray.data
 
     from props_ray.dpo.tokenize import encode_prompts
     from props_ray.modeling import load_tokenizer
+    from props_ray.train.worker_group import rows_dataset
 
     tok = load_tokenizer(cfg.model.tokenizer or base_path)
     ids = encode_prompts(tok, prompts, cfg.data.max_prompt_length)
@@ -172,6 +171,6 @@ def fit_ppo(cfg: JobConfig, prompts: list[str], base_path: str, reward_model: st
                    "num_pairs": len(prompts), "total_pairs": total_pairs or len(prompts), "epsilon": epsilon,
                    "trial": name,
                    "job_dir": str(cfg.job_dir.resolve()), "fail_at": os.environ.get("PROPS_RAY_FAIL_AT")}
-    reported = run_training(cfg, name, "ppo", loop_config, {"prompts": ray.data.from_items(rows)})
+    reported = run_training(cfg, name, "ppo", loop_config, {"prompts": rows_dataset(rows, cfg.train.num_workers)})
     path, metrics = next((p, m) for p, m in reversed(reported) if m.get("stage_done"))
     return StageCheckpoint(1, path, dict(metrics))

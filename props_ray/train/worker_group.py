@@ -44,6 +44,14 @@ def split_equally(datasets: dict, num_workers: int) -> dict:
     return {name: ds.split(num_workers, equal=True) for name, ds in datasets.items()}
 
 
+def rows_dataset(rows: list[dict], num_workers: int):
+    """A training dataset from a list of row dicts, one block per worker: ``from_items``' default of 200
+    blocks cost 0.3-0.7 s of object-store puts a call on 2 cores, whatever the rows (2026-12-07)."""
+    import ray.data
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(num_workers, len(rows))))
+
+
 def dataset_shard(loop_config: dict, name: str):
     """This worker's shard of the dataset ``name`` (:func:`split_equally`)."""
     import ray.train

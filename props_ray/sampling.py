@@ -38,6 +38,9 @@ def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """[B] tokens: row i's token is the first whose cumulative probability exceeds u_i times the row's
     total (exact sampling of p given uniform u); never a token of probability zero."""
     cdf = p.double().cumsum(-1)
+    if not (torch.isfinite(cdf[:, -1]) & (cdf[:, -1] > 0)).all():  # as torch.multinomial refuses them
+        raise ValueError("sampling probabilities contain nan or inf, or a row is all zeros "
+                         "(the model's logits are not finite)")
     idx = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True).squeeze(1)
     last_possible = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1)  # rounding could step past the end
     return torch.minimum(idx, last_possible)

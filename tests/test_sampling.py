@@ -88,6 +88,13 @@ def test_row_draw_gives_each_row_its_own_stream_step_after_step():
     assert RowDraw(8, rows)(p) != together[0] or RowDraw(8, rows)(p) != together[1]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
+def test_inverse_cdf_refuses_probabilities_that_are_not_finite_or_all_zero(bad):
+    p = torch.tensor([[0.2, 0.8, 0.0], [bad, bad, bad]])
+    with pytest.raises(ValueError, match="not finite"):
+        inverse_cdf(p, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("seed", [0, 2 ** 64 - 1, 123_456_789_012])
 def test_any_seed_a_job_can_hold_gives_valid_uniforms(seed):
     u = row_uniforms(seed, np.arange(1000), 0)

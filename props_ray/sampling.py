@@ -42,8 +42,12 @@ def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         raise ValueError("sampling probabilities contain nan or inf, or a row is all zeros "
                          "(the model's logits are not finite)")
     idx = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True).squeeze(1)
-    last_possible = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1)  # rounding could step past the end
-    return torch.minimum(idx, last_possible)
+    # Any u < 1 in float64 (the stream's) lands on a token of positive probability; u = 1 (a float32
+    # uniform rounded up) steps past the end, and takes the last token that is possible.
+    past_end = idx == p.shape[-1]
+    if past_end.any():
+        idx = torch.where(past_end, p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1), idx)
+    return idx
 
 
 class RowDraw:

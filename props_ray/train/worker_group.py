@@ -45,8 +45,9 @@ def split_equally(datasets: dict, num_workers: int) -> dict:
 
 
 def rows_dataset(rows: list[dict], num_workers: int):
-    """A training dataset from a list of row dicts, one block per worker: ``from_items``' default of 200
-    blocks cost 0.3-0.7 s of object-store puts a call on 2 cores, whatever the rows (2026-12-07)."""
+    """A Ray Dataset from a list of row dicts, one block per worker (training workers here, batch-inference
+    workers in :func:`props_ray.generation.generate`): ``from_items``' default of 200 blocks cost 0.3-0.7 s
+    of object-store puts a call on 2 cores, whatever the rows (2026-12-07)."""
     import ray.data
 
     return ray.data.from_items(rows, override_num_blocks=max(1, min(num_workers, len(rows))))

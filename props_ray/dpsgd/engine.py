@@ -43,12 +43,8 @@ from props_ray.dpsgd.grad_sample import PairGradSampleModule, RowGradSampleModul
 from props_ray.dpsgd.sampler import PoissonSampler, materialize_shard, physical_batches, sampling_generator, shard_size
 from props_ray.privacy.accounting import PrivacyConfigError, StagedAccountant, resolve_delta
 from props_ray.privacy.randomness import csprng_normal
+from props_ray.train.collectives import all_reduce_flat, broadcast_trainable, rank_and_world
 
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class PairDPOptimizer(DPOptimizer):
@@ -67,7 +63,7 @@ class PairDPOptimizer(DPOptimizer):
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="sum", generator=generator,
                          secure_mode=secure_mode)
-        self.rank, self.world_size = _dist()
+        self.rank, self.world_size = rank_and_world()
 
     def clip_and_accumulate(self) -> None:
         params = self.params
@@ -100,16 +96,7 @@ class PairDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
     def reduce_gradients(self) -> None:
-        if self.world_size == 1:
-            return
-        params = self.params
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+        all_reduce_flat([p.grad for p in self.params])
 
     def scale_grad(self) -> None:
         torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size)
@@ -166,16 +153,6 @@ def stream_id(trial: str | None, epsilon: float | None) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def broadcast_trainable(model: torch.nn.Module, src: int = 0) -> None:
-    """Make every rank start from rank ``src``'s trainable parameters (LoRA init is random per rank)."""
-    _, world = _dist()
-    if world == 1:
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.distributed.broadcast(p.data, src)
-
-
 def params_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for p in model.parameters():
@@ -221,7 +198,7 @@ class DPSGDEngine:
         self.unit = unit  # what one clipped gradient sample is: a preference pair (2 rows), or one row
         self.columns = columns  # the shard's columns to materialize (default: the pair tensors)
         self.accounting = StagedAccountant(delta, accountant)
-        self.rank, self.world_size = _dist()
+        self.rank, self.world_size = rank_and_world()
         self.model = None
         self.optimizer: PairDPOptimizer | None = None
         self.stage: int | None = None
@@ -252,7 +229,7 @@ class DPSGDEngine:
         ``num_pairs`` is unused: each stage is planned in :meth:`start_stage`."""
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise PrivacyConfigError("method 'dpsgd' does not support gradient checkpointing")
-        self.rank, self.world_size = _dist()
+        self.rank, self.world_size = rank_and_world()
         broadcast_trainable(model)
         self.model = PairGradSampleModule(model) if self.unit == "pair" else RowGradSampleModule(model)
         self.optimizer = PairDPOptimizer(optimizer, noise_multiplier=0.0, max_grad_norm=self.max_grad_norm,

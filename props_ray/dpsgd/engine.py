@@ -46,7 +46,6 @@ from props_ray.privacy.randomness import csprng_normal
 from props_ray.train.collectives import all_reduce_flat, broadcast_trainable, rank_and_world
 
 
-
 class PairDPOptimizer(DPOptimizer):
     """An Opacus ``DPOptimizer`` whose privacy unit is the preference pair, distributed over ranks.
 

@@ -1,4 +1,4 @@
-"""The PPO loop that runs on every Ray Train worker (DP-PPO with the DP-SGD engine, or DDP).
+"""The PPO loop that runs on every Ray Train worker (DP-PPO with the DP-SGD engine, or data-parallel PPO).
 
 Read it top to bottom: build the policy-with-value model (one body, LoRA or full, a value head), its
 frozen reference (the adapters disabled, or the base model) and the reward model; let the engine wrap

@@ -42,7 +42,8 @@ class StandardEngine:
             broadcast_trainable(model)
             self.averages = True
             return model, optimizer
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}), optimizer
+        prepared = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+        return prepared, optimizer
 
     def logical_batches(self, shard, epoch: int, device) -> Iterator[list[dict[str, torch.Tensor]]]:
         for batch in shard.iter_torch_batches(batch_size=self.per_worker_batch, device=device,

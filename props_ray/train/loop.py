@@ -3,7 +3,7 @@
 Read it top to bottom: set up the worker, build the model and its objective
 (the policy and DPO against its reference, or the reward model and the
 Bradley--Terry loss: :mod:`props_ray.train.objectives`), let the engine wrap
-them (DDP, or DP-SGD), resume from a
+them (data-parallel, or DP-SGD), resume from a
 checkpoint if Ray Train hands one back, then for each stage partition train
 ``epochs`` passes over this worker's shard and report one checkpoint per
 stage. Metrics are kept in the checkpoint (``metrics.jsonl``) so the driver
@@ -34,7 +34,8 @@ METRICS = "metrics.jsonl"
 
 
 def make_engine(cfg: JobConfig, engine: str, world_size: int, loop_config: dict):
-    """'dpsgd' (Opacus, the objective's unit: a pair, or an example) or 'standard' (DDP)."""
+    """'dpsgd' (Opacus, the objective's unit: a pair, or an example) or 'standard' (data-parallel: one
+    all-reduce a step on CPUs, DDP on GPUs)."""
     if engine == "dpsgd":
         from props_ray.dpsgd.engine import DPSGDEngine
         from props_ray.train.objectives import UNITS

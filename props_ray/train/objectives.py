@@ -2,7 +2,7 @@
 Bradley--Terry loss, or a language model's next-token loss.
 
 DPO sees a batch of pairs as one row per pair (the prompt shared) where it can, and Bradley--Terry as
-one forward of 2B rows (chosen rows first); both run through either engine (DDP or DP-SGD with the
+one forward of 2B rows (chosen rows first); both run through either engine (data-parallel or DP-SGD with the
 pair as the privacy unit), and each returns the per-pair loss and the per-pair margin the loop logs
 (DPO: beta times the implicit reward margin; Bradley--Terry: the reward difference), whose sign is the
 pair's accuracy. The language model (the synthetic-instruction generator) sees one row per example,

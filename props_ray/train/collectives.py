@@ -3,8 +3,8 @@ in one flat all-reduce.
 
 DP-SGD's optimizer reduces its noisy sums this way (:mod:`props_ray.dpsgd.engine`), and so does the
 non-private engine on CPUs (:class:`props_ray.train.engine.StandardEngine`), where DDP's per-bucket
-all-reduces inside the backward cost a two-worker step of the embedded model 25-28 ms against 23.5 ms
-for one flat all-reduce after it (gloo, 2 cores, 2026-12-07).
+all-reduces inside the backward cost a two-worker step of the embedded model 25-31 ms against 23.5 ms
+for one flat all-reduce after it (gloo, 2 cores, 2026-12-07; ``python -m props_ray.bench.data_parallel``).
 """
 
 from __future__ import annotations

@@ -139,3 +139,13 @@ def test_the_kept_activations_count_runs_under_autocast_on_a_cpu():
     assert kept[("dpsgd", "bfloat16")] < 0.75 * kept[("dpsgd", "float32")]
     assert kept[("nonprivate", "bfloat16")] < 0.75 * kept[("nonprivate", "float32")]
     assert kept[("dpsgd", "bfloat16")] <= 1.05 * kept[("nonprivate", "bfloat16")]
+
+
+def test_the_data_parallel_bench_steps_both_ways_on_two_gloo_processes():
+    """``props_ray.bench.data_parallel`` runs the tiny step in DDP and through the engine's all-reduce on
+    two real gloo processes, and reports each process's time a step (a failed process raises)."""
+    from props_ray.bench.data_parallel import measure
+
+    for mode in ("ddp", "engine"):
+        ms = measure(mode, batch=2, steps=3)
+        assert len(ms) == 2 and all(0 < m < 60_000 for m in ms), (mode, ms)

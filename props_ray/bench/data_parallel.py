@@ -18,6 +18,7 @@ Each figure is one process's mean milliseconds a step over ``--steps`` steps aft
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import socket
 import time
@@ -44,7 +45,8 @@ def _process(rank: int, mode: str, port: int, batch: int, steps: int, out) -> No
     torch.set_num_threads(1)
     if mode != "alone":
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=2)
+        # a partner that died leaves this one waiting in a collective: give up after two minutes
+        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(rank)
     policy, vocab = build_model("tiny")
     policy.train()
@@ -90,7 +92,11 @@ def measure(mode: str, batch: int = 16, steps: int = 100) -> list[float]:
     for p in procs:
         p.start()
     for p in procs:
-        p.join()
+        p.join(timeout=600)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
     if any(p.exitcode for p in procs):
         raise RuntimeError(f"a {mode} process failed (exit codes {[p.exitcode for p in procs]})")
     return [ms for _, _, ms in sorted(out.get() for _ in procs)]

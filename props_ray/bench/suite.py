@@ -47,8 +47,8 @@ SIZES = {
     # (pairs, batch, prompt tokens, response tokens) of the Pythia one
     "throughput_model": ("tiny", "pythia-160m-arch"), "throughput_160m": ((16, 8, 64, 64), (32, 8, 64, 64)),
     "throughput_160m_epochs": (2, 3),  # the first is warm-up: two timed epochs (8 steps) in the full bench
-    # DP-SGD against non-private: timed steps per mode, interleaved. With 8, CI's quick bench read the tiny
-    # model's ratio at 1.00 to 1.13 on code whose two steps had not changed; the median of 30 moves less.
+    # DP-SGD against non-private: timed steps per mode, interleaved (8 in --quick until 2026-12-07, when CI
+    # read the tiny model's ratio at 1.00-1.13 on unchanged steps; 30 still read 1.08 and 1.15 that day).
     "dp_steps": (30, 100), "relabel_pairs": (1024, 4096), "ppo_steps": (3, 8), "synthetic_samples": (1024, 8192), "gpu_steps": (5, 10),
 }
 

@@ -108,16 +108,19 @@ def ppo_loop_per_worker(loop_config: dict) -> None:
                                                  temperature=ppo["temperature"], eos_id=tok.eos_token_id,
                                                  pad_id=tok.pad_token_id, fixed_length=ppo["fixed_length"],
                                                  generator=sampler, device=device)
+                # One optimizer step per on-policy batch: the policy that sampled the batch is the one
+                # being differentiated, so the "old" log-probs and values are this forward's, detached
+                # (no second, no-grad forward; the ratio is exactly 1 and its gradient the policy
+                # gradient, with the same dropout mask if the model has dropout).
+                logits, values = wrapped(ids, att)
+                logp = token_logprobs(logits, ids)
+                old_logp, old_values = logp.detach(), values.detach()
                 with torch.no_grad():
-                    old_logits, old_values = _unwrap(wrapped)(ids, att)
-                    old_logp = token_logprobs(old_logits, ids)
                     ref_logp = token_logprobs(reference.logits(ids, att), ids)
                     score = _scores(reward_model, ids, att)
                     rewards = kl_penalized_rewards(old_logp, ref_logp, act, score, ppo["beta"])
                     advantages, returns = gae(rewards, old_values, act, ppo["gamma"], ppo["lam"])
-                logits, values = wrapped(ids, att)
-                per_row = ppo_loss(token_logprobs(logits, ids), old_logp, advantages, values, returns, act,
-                                   ppo["clip"], ppo["value_coef"])
+                per_row = ppo_loss(logp, old_logp, advantages, values, returns, act, ppo["clip"], ppo["value_coef"])
                 engine.backward(per_row)
                 seen += len(prompts) * world
                 with torch.no_grad():

@@ -55,11 +55,36 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
         # shared training worker group, its controller and Ray Data's actors stay up together, and on
         # 2 cores Ray would otherwise print a warning about their number to the console.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(cpus))
+        # The workers' variables go in the environment the raylet starts with, which every worker it
+        # starts inherits, not in a job runtime_env: workers of a runtime_env are a pool of their own, so
+        # the raylet's prestarted workers would sit unused and every actor and task process (the train
+        # controller, the worker group's actors, Ray Data's tasks) would start cold.
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=loud,
-                 configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR)
+        with _environment(env["env_vars"]):
+            ray.init(num_cpus=cpus, include_dashboard=True, log_to_driver=loud,
+                     configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR)
         log.info("started a local Ray instance with %d logical CPUs", cpus)
     quiet_ray_libraries()
+
+
+class _environment:
+    """``os.environ`` updated with ``values`` within the block (for processes started there), restored
+    after it: this process keeps its own (its torch threads, its warnings)."""
+
+    def __init__(self, values: dict[str, str]):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return False
 
 
 def check_gpus(num_workers: int, resources: dict, local: bool) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -60,31 +61,27 @@ def ensure_ray(num_workers: int = 2, cpus_per_worker: float = 1.0) -> None:
         # the raylet's prestarted workers would sit unused and every actor and task process (the train
         # controller, the worker group's actors, Ray Data's tasks) would start cold.
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-        with _environment(env["env_vars"]):
+        with environment_set(env["env_vars"]):
             ray.init(num_cpus=cpus, include_dashboard=True, log_to_driver=loud,
                      configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR)
         log.info("started a local Ray instance with %d logical CPUs", cpus)
     quiet_ray_libraries()
 
 
-class _environment:
+@contextlib.contextmanager
+def environment_set(values: dict[str, str]):
     """``os.environ`` updated with ``values`` within the block (for processes started there), restored
     after it: this process keeps its own (its torch threads, its warnings)."""
-
-    def __init__(self, values: dict[str, str]):
-        self.values, self.saved = values, {}
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        return False
 
 
 def check_gpus(num_workers: int, resources: dict, local: bool) -> str | None:

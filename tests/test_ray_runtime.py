@@ -3,7 +3,7 @@ raylet's environment, not from a job runtime_env, so the raylet's prestarted wor
 
 import os
 
-from props_ray.ray_runtime import QUIET_ENV, TRAIN_ENV, _environment
+from props_ray.ray_runtime import QUIET_ENV, TRAIN_ENV, environment_set
 
 
 def test_workers_inherit_the_variables_and_the_job_has_no_runtime_env_of_its_own(ray_local):
@@ -23,6 +23,6 @@ def test_the_variables_are_set_for_rays_start_only(monkeypatch):
     # the driver keeps its own environment (its torch threads, its warnings) after Ray's start
     monkeypatch.setenv("PROPS_RAY_TEST_KEPT", "mine")
     monkeypatch.delenv("PROPS_RAY_TEST_UNSET", raising=False)
-    with _environment({"PROPS_RAY_TEST_KEPT": "ray's", "PROPS_RAY_TEST_UNSET": "1"}):
+    with environment_set({"PROPS_RAY_TEST_KEPT": "ray's", "PROPS_RAY_TEST_UNSET": "1"}):
         assert os.environ["PROPS_RAY_TEST_KEPT"] == "ray's" and os.environ["PROPS_RAY_TEST_UNSET"] == "1"
     assert os.environ["PROPS_RAY_TEST_KEPT"] == "mine" and "PROPS_RAY_TEST_UNSET" not in os.environ

@@ -24,14 +24,13 @@ extra; without it the comparison says so and is skipped.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import pandas as pd
 
 from props_ray.config import JobConfig
 from props_ray.modeling import LORA_TARGETS
+from props_ray.ray_runtime import environment_set
 
 
 def bench_job(output_dir: str, pairs: int, batch_size: int, epochs: int, num_workers: int,
@@ -150,19 +149,6 @@ def trl_available() -> str | None:
     return trl.__version__
 
 
-@contextlib.contextmanager
-def _quiet_progress_bars():
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
-
-
 def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads: int,
                    precompute_ref: bool = False) -> dict:
     """The same training with TRL's DPOTrainer in this process, ``threads`` torch threads.
@@ -212,7 +198,7 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
                 use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
                 logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed,
                 precompute_ref_log_probs=precompute_ref)
-            with _quiet_progress_bars():  # TRL's reference pass draws one of its own
+            with environment_set({"TQDM_DISABLE": "1"}):  # TRL's reference pass draws one of its own
                 trainer = DPOTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
                                      train_dataset=Dataset.from_pandas(_as_completions(pairs), preserve_index=False),
                                      callbacks=[timer])

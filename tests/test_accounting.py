@@ -102,3 +102,80 @@ def test_fixed_noise_multiplier_overrides_calibration():
         acc.step(1)
     assert acc.epsilon() == pytest.approx(opacus_epsilon("rdp", plan.planned_steps, 0.1, 0.7, 1e-4))
     assert acc.epsilon() > 1.0  # the fixed sigma is used, not the target
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp"])
+def test_memoized_rdp_leaves_opacus_epsilon_unchanged(name, monkeypatch):
+    from opacus.accountants.analysis import rdp
+
+    cases = [(20, 0.05, 1.1), (63, 32 / 1000, 2.3), (7, 0.5, 0.8), (40, 32 / 1000, 2.3)]
+    ours = [epsilon_after(steps, q, sigma, 1e-4, name) for steps, q, sigma in cases]
+    memo = rdp._compute_rdp
+    assert memo.cache_info().currsize > 0, "make_accountant memoizes Opacus's per-step RDP"
+    monkeypatch.setattr(rdp, "_compute_rdp", memo.__wrapped__)  # Opacus as shipped
+    theirs = [opacus_epsilon(name, steps, q, sigma, 1e-4) for steps, q, sigma in cases]
+    assert ours == theirs  # bit for bit
+    assert len(set(ours)) == len(ours)  # a memo keyed on too little would repeat a value
+
+
+def _search(eps_of, target, start):
+    from props_ray.privacy.accounting import CALIBRATION_REL_TOL, _search_noise_multiplier
+
+    calls = []
+
+    def counted(sigma):
+        calls.append(sigma)
+        return eps_of(sigma)
+
+    sigma = _search_noise_multiplier(counted, target, CALIBRATION_REL_TOL, start)
+    return sigma, calls
+
+
+@pytest.mark.parametrize("curve", ["inverse", "steep", "floor", "kink", "infinite_below"])
+@pytest.mark.parametrize("start", [1e-3, 0.3, 4.0, 500.0])
+def test_noise_search_lands_in_the_window_of_any_decreasing_curve(curve, start):
+    from props_ray.privacy.accounting import CALIBRATION_REL_TOL
+
+    eps_of = {"inverse": lambda s: 2.0 / s,
+              "steep": lambda s: 50.0 / s ** 4,
+              "floor": lambda s: 0.45 + 1.0 / s ** 2,  # another mechanism's epsilon under the stage's
+              "kink": lambda s: 3.0 / s if s < 2 else 1.5 * math.exp(-(s - 2)),
+              "infinite_below": lambda s: math.inf if s < 0.7 else 1.0 / (s - 0.6)}[curve]
+    target = 0.5
+    sigma, calls = _search(eps_of, target, start)
+    assert sigma == calls[-1]  # the answer is the last sigma evaluated, never an extrapolation
+    assert target * (1 - CALIBRATION_REL_TOL) <= eps_of(sigma) <= target
+    assert len(calls) <= 40
+
+
+def test_noise_search_refuses_an_unreachable_target():
+    from props_ray.privacy.accounting import _search_noise_multiplier, _Unreachable
+
+    with pytest.raises(_Unreachable):
+        _search_noise_multiplier(lambda s: 0.6 + 1.0 / s, 0.5, 0.005, 1.0)
+    with pytest.raises(PrivacyConfigError, match="cannot reach epsilon"):
+        calibrate_noise_multiplier(0.1, 1e-5, 0.032, 62, "rdp")
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp"])
+@pytest.mark.parametrize("target,q,steps", [(0.5, 32 / 1000, 62), (2.0, 16 / 300, 19), (1.0, 1.0, 5)])
+def test_calibration_agrees_with_opacus_get_noise_multiplier_in_fewer_evaluations(name, target, q, steps, monkeypatch):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    delta = 1.5e-4
+    evaluations = {"n": 0}
+    original = OPACUS[name].get_epsilon
+
+    def counted(self, *args, **kwargs):
+        evaluations["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OPACUS[name], "get_epsilon", counted)
+    ours = calibrate_noise_multiplier(target, delta, q, steps, name)
+    ours_n, evaluations["n"] = evaluations["n"], 0
+    theirs = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
+                                  accountant=name, epsilon_tolerance=0.005 * target)
+    theirs_n = evaluations["n"]
+    assert ours == pytest.approx(theirs, rel=0.01)  # both within 0.5% of epsilon of the smallest sigma
+    assert 0.995 * target <= epsilon_after(steps, q, ours, delta, name) <= target
+    assert ours_n <= theirs_n / 2, (ours_n, theirs_n)

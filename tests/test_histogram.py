@@ -143,3 +143,44 @@ def test_the_skewed_prompt_mixture_has_its_stated_shape():
     assert np.allclose(EmbeddedTask().topic_shares, 1 / len(TOPICS))
     with pytest.raises(ValueError, match="prompt_mix"):
         EmbeddedTask(prompt_mix="zipf")
+
+
+@pytest.mark.parametrize("n,dim", [(400, 48), (12, 48)])
+def test_the_projection_is_the_principal_subspace_of_an_svd(n, dim):
+    from props_ray.synthetic.embedding import Projection
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n, dim)) * np.linspace(3.0, 0.1, dim)  # a decaying spectrum
+    fitted = Projection.fit(x, 0.9)
+    _, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    k = int(np.searchsorted(np.cumsum(s ** 2) / (s ** 2).sum(), 0.9) + 1)
+    assert len(fitted.components) == min(k, n) and 1 < k < dim
+    # the same axes, each up to its sign: |<ours_i, svd_i>| = 1
+    np.testing.assert_allclose(np.abs((fitted.components * vt[:len(fitted.components)]).sum(1)), 1.0, atol=1e-8)
+    np.testing.assert_allclose(fitted.mean, x.mean(0))
+
+
+def test_kmeans_plus_plus_seeding_draws_what_the_full_recomputation_draws():
+    from props_ray.synthetic.embedding import kmeans, nearest
+
+    def reference(x, k, rng, iterations=50):  # every point's distance to every centre, each round
+        centres = [x[rng.integers(len(x))]]
+        for _ in range(1, k):
+            d = ((x[:, None, :] - np.array(centres)[None]) ** 2).sum(-1).min(1)
+            centres.append(x[rng.choice(len(x), p=d / d.sum())])
+        centres = np.array(centres)
+        assign = None
+        for _ in range(iterations):
+            new = nearest(x, centres)
+            if assign is not None and np.array_equal(new, assign):
+                break
+            assign = new
+            for c in range(k):
+                if (assign == c).any():
+                    centres[c] = x[assign == c].mean(0)
+        return centres
+
+    x = np.random.default_rng(6).standard_normal((500, 6)) + np.repeat(np.eye(6) * 4, 84, axis=0)[:500]
+    ours, theirs = kmeans(x, 8, np.random.default_rng(9)), reference(x, 8, np.random.default_rng(9))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    assert len({tuple(np.round(c, 6)) for c in ours}) == 8

@@ -15,12 +15,14 @@ real prompts afterwards without updating anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 
+@functools.lru_cache(maxsize=1 << 18)  # prompts repeat their words: a hash per distinct feature
 def _bucket(feature: str, dim: int) -> tuple[int, float]:
     h = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "little")
     return h % dim, 1.0 if (h >> 63) & 1 else -1.0
@@ -45,11 +47,15 @@ class Projection:
 
     @classmethod
     def fit(cls, x: np.ndarray, variance: float = 0.9) -> "Projection":
+        """The principal axes from the eigendecomposition of the [dim, dim] scatter matrix: the right
+        singular vectors of the centred [n, dim] embeddings, in a quarter of an SVD's time for n >> dim."""
         mean = x.mean(0)
-        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-        explained = np.cumsum(s ** 2) / max(float((s ** 2).sum()), 1e-12)
+        centred = x - mean
+        power, axes = np.linalg.eigh(centred.T @ centred)  # ascending: power = squared singular values
+        power, axes = np.clip(power[::-1], 0.0, None), axes[:, ::-1].T
+        explained = np.cumsum(power) / max(float(power.sum()), 1e-12)
         k = int(np.searchsorted(explained, variance) + 1)
-        return cls(mean, vt[:min(k, len(vt))])
+        return cls(mean, np.ascontiguousarray(axes[:min(k, len(x))]))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return (x - self.mean) @ self.components.T
@@ -65,9 +71,10 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 50
     if k > len(x):
         raise ValueError(f"{k} clusters need at least {k} points, got {len(x)}")
     centres = [x[rng.integers(len(x))]]
+    d = ((x - centres[0]) ** 2).sum(1)  # each point's squared distance to its nearest centre so far
     for _ in range(1, k):
-        d = ((x[:, None, :] - np.array(centres)[None]) ** 2).sum(-1).min(1)
         centres.append(x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))])
+        d = np.minimum(d, ((x - centres[-1]) ** 2).sum(1))
     centres = np.array(centres)
     assign = None
     for _ in range(iterations):

@@ -119,3 +119,37 @@ def test_a_rows_dataset_has_a_block_per_worker_and_its_shards_partition_the_rows
     assert not set(seen[0]) & set(seen[1])
     assert all(list(r["ids"]) == [r["i"], r["i"] + 1, r["i"] + 2] for shard in shards for r in shard.take_all())
     assert rows_dataset(rows[:1], 4).count() == 1  # fewer rows than workers: one block, nothing lost
+
+
+def test_an_orders_reports_are_ray_trains_own_without_waiting_for_its_controller(ray_local, tiny_job_raw, tmp_path):
+    """Rank 0 hands the driver the checkpoints it reported as it reported them; at the order's end they
+    are what Ray Train's controller registers for the order (checked in the worker, after waiting for it)."""
+    from props_ray.train.worker_group import SharedWorkerGroup
+
+    def loop(config):  # three checkpoints, as the training loops report them
+        import ray.train
+
+        from props_ray.train import worker_group
+        from props_ray.train.loop import report_checkpoint
+
+        worker_group.checkpoint_to_resume(config)
+        rank = ray.train.get_context().get_world_rank()
+        for epoch in range(3):
+            report_checkpoint({"order": config["order"], "epoch": epoch}, rank,
+                              lambda d, e=epoch: (d / "state.txt").write_text(f"{config['order']} {e}"), [])
+        registered = [(r.checkpoint.path, dict(r.metrics)) for r in worker_group.reported_under(config["order"])]
+        if rank == 0 and registered != worker_group._order_reports:
+            raise AssertionError(f"{worker_group._order_reports} != Ray Train's {registered}")
+
+    raw = json.loads(json.dumps(tiny_job_raw))
+    raw.update({"name": "order-reports", "output_dir": str(tmp_path)})
+    group = SharedWorkerGroup(validate_job(raw), "order-reports")
+    try:
+        first = group.run(loop, {"order": "first"}, {})
+        second = group.run(loop, {"order": "second"}, {})
+    finally:
+        group.close()
+    for order, reports in (("first", first), ("second", second)):
+        assert [m["epoch"] for _, m in reports] == [0, 1, 2] and {m["order"] for _, m in reports} == {order}
+        assert [(Path(p) / "state.txt").read_text() for p, _ in reports] == [f"{order} {e}" for e in range(3)]
+    assert len({p for p, _ in first + second}) == 6

@@ -27,7 +27,7 @@ from props_ray import progress
 from props_ray.config import JobConfig
 from props_ray.modeling import AUTOCAST_DTYPES, save_policy
 from props_ray.train.objectives import build as build_objective
-from props_ray.train.worker_group import checkpoint_to_resume, dataset_shard
+from props_ray.train.worker_group import checkpoint_to_resume, dataset_shard, note_reported
 
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
@@ -196,3 +196,5 @@ def report_checkpoint(metrics: dict, rank: int, write, history: list[dict]) -> N
                     f.write(json.dumps(row) + "\n")
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            note_reported(metrics)

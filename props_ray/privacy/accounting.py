@@ -142,8 +142,9 @@ def _search_noise_multiplier(epsilon_of, target_epsilon: float, rel_tolerance: f
     Regula falsi (the Illinois variant) on log epsilon against log sigma, where the curve is close to a
     line (epsilon ~ 1/sigma over most of the range), aimed at the middle of the accepted window. It needs
     3-7 accountant evaluations where bisection on sigma (Opacus's ``get_noise_multiplier``) needs 8-17,
-    and a PRV evaluation costs 40-400 ms on a CPU. The answer is always a sigma that was evaluated and accepted,
-    so it meets the target by the accountant's own account.
+    and a PRV evaluation costs 40-400 ms on a CPU. The answer is always a sigma that was evaluated and
+    whose epsilon is within the target by the accountant's own account: in the window, or, should the
+    accountant not be monotone, the last one below it.
     """
     accept_low = target_epsilon * (1 - rel_tolerance)
     aim = math.log(target_epsilon * (1 - rel_tolerance / 2))

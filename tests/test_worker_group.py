@@ -137,7 +137,7 @@ def test_an_orders_reports_are_ray_trains_own_without_waiting_for_its_controller
         for epoch in range(3):
             report_checkpoint({"order": config["order"], "epoch": epoch}, rank,
                               lambda d, e=epoch: (d / "state.txt").write_text(f"{config['order']} {e}"), [])
-        registered = [(r.checkpoint.path, dict(r.metrics)) for r in worker_group.reported_under(config["order"])]
+        registered = worker_group.as_rows(worker_group.reported_under(config["order"]))
         if rank == 0 and registered != worker_group._order_reports:
             raise AssertionError(f"{worker_group._order_reports} != Ray Train's {registered}")
 

@@ -75,7 +75,7 @@ def checkpoint_to_resume(loop_config: dict):
     if not loop_config.get(SHARED_ORDER):
         return ray.train.get_checkpoint()
     mine = reported_under(loop_config["order"])
-    _order_reports = [(r.checkpoint.path, dict(r.metrics)) for r in mine]
+    _order_reports = as_rows(mine)
     return mine[-1].checkpoint if mine else None
 
 
@@ -96,7 +96,7 @@ def _take_order_reports(order: str) -> list:
     global _order_reports
     reports, _order_reports = _order_reports, None
     if reports is None:  # a loop that did not ask to resume: Ray Train's own account
-        reports = [(r.checkpoint.path, dict(r.metrics)) for r in reported_under(order)]
+        reports = as_rows(reported_under(order))
     return reports
 
 
@@ -106,6 +106,11 @@ def reported_under(order: str) -> list:
     import ray.train
 
     return [r for r in ray.train.get_all_reported_checkpoints() if r.metrics.get("order") == order]
+
+
+def as_rows(reported: list) -> list[tuple[str, dict]]:
+    """``ReportedCheckpoint``s as what the driver gets for an order: (persisted path, metrics) each."""
+    return [(r.checkpoint.path, dict(r.metrics)) for r in reported]
 
 
 def run_config(cfg, name: str):

@@ -14,7 +14,7 @@ judge) run over a Dataset with :func:`map_with_model`, in one of two ways:
   imported, so a job's later relabels and evaluations skip what an actor pays on
   every start: a new process that imports torch, transformers and peft and loads
   the model, about 6 s on a 2-core machine against well under 1 s warm
-  (``python -m props_ray.bench.relabel`` prints both).
+  (``props-ray bench --only relabel`` prints both).
 
 Both give the same outputs: the scorer is deterministic and the generator seeds
 every row by its index, not by its batch.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from props_ray.bench.relabel import _steady
+from props_ray.bench.relabel import _busy, _steady
 from props_ray.bench.throughput import steady_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +30,13 @@ def test_relabel_steady_rate_excludes_the_first_batch():
     ends = np.array([6.0, 1.0, 3.0])
     sizes = np.array([10, 10, 30])  # sizes by batch: the first batch (start 0) is 10 pairs
     assert _steady(starts, ends, sizes) == pytest.approx((30 + 10) / (6.0 - 1.0))
+
+
+def test_relabel_busy_share_counts_the_scoring_after_the_first_batch():
+    starts = np.array([5.0, 0.0, 2.0])  # the scorer ran 0-1 (first, not counted), 2-3 and 5-6
+    ends = np.array([6.0, 1.0, 3.0])
+    assert _busy(starts, ends) == pytest.approx((1.0 + 1.0) / (6.0 - 1.0))
+    assert _busy(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(1.0)  # back to back: no hand-over
 
 
 def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
@@ -61,10 +68,15 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path, capsys):
     r = s["relabel"]
     assert r["max_margin_difference"] < 1e-5  # both paths computed the same scores
     assert r["ray_data_pairs_per_s"] > 0 and r["plain_loop_pairs_per_s"] > 0 and r["actor_startup_s"] > 0
-    # the plain loop brackets the actor pool: its figure is the mean of the runs before and after
-    assert r["plain_loop_pairs_per_s"] == pytest.approx(
-        (r["plain_loop_before_pairs_per_s"] + r["plain_loop_after_pairs_per_s"]) / 2)
+    # loops and pools alternate; the table's round is the median one, its loop figure the mean of its brackets
+    loops, pools = r["plain_loop_runs_pairs_per_s"], r["ray_data_runs_pairs_per_s"]
+    assert len(loops) == len(pools) + 1 == r["rounds"] + 1 and r["rounds"] >= 3
+    assert r["round_ratios"] == pytest.approx([p / ((a + b) / 2) for p, a, b in zip(pools, loops, loops[1:])])
+    i = pools.index(r["ray_data_pairs_per_s"])
+    assert r["plain_loop_pairs_per_s"] == pytest.approx((loops[i] + loops[i + 1]) / 2)
     assert r["ratio"] == pytest.approx(r["ray_data_pairs_per_s"] / r["plain_loop_pairs_per_s"])
+    assert r["ratio"] == sorted(r["round_ratios"])[(r["rounds"] - 1) // 2]
+    assert 0 < r["actor_busy_share"] <= 1
     assert 0 < r["tasks_startup_next_s"] < r["tasks_wall_next_s"]
     p = s["ppo"]
     assert p["worker_sequences_per_s"] > 0 and p["ray_data_sequences_per_s"] > 0

@@ -7,11 +7,14 @@ DPO implicit reward margin that PROPS's relabel step uses. The Ray Data figure
 is per actor at steady state: pairs after the actor's first batch divided by
 the time from the end of that batch to the end of its last, so it includes
 Ray Data's hand-over between batches but not the actor's start-up, which is
-reported separately (from the ``map_batches`` call to the first batch). The plain loop runs
-just before and just after the actor pool, and its figure is the mean of the two, so a machine
-that gets slower or faster during the measurement moves both sides alike. That does not remove the
-spread between runs: on the 2-core machine the loop read 3,236 to 4,281 pairs/s from one run to the
-next, while in each run its two figures agreed within 4%.
+reported separately (from the ``map_batches`` call to the first batch).
+
+The two sides alternate: a plain loop, an actor pool, a plain loop, and so on for ``rounds`` pools.
+Each round's ratio is the pool's figure over the mean of the loops either side of it, so a machine
+that gets faster or slower during the measurement moves both sides alike; the table has the round
+with the median ratio. On the 2-core machine a loop's per-batch time drifted from about 85 to 42 ms
+within a minute, and two loops 20 s apart read 1,536 and 2,406 pairs/s, so one bracketing pair was not
+enough: single-round ratios of one build read 0.81 to 0.95.
 
 The CPU path that jobs take by default (Ray Data tasks on pooled worker
 processes) is timed the same way, twice, each with a new stage model, as in a
@@ -40,6 +43,15 @@ def _steady(starts: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> float:
     return float(sizes[1:].sum() / (ends[-1] - ends[0]))
 
 
+def _busy(starts: np.ndarray, ends: np.ndarray) -> float:
+    """The share of the steady time (as :func:`_steady` counts it) that the scorer spent in its batches:
+    the rest is Ray Data's hand-over. Both are read in the same actor at the same moment, so unlike the
+    ratio to the plain loop this share does not move with the machine's speed."""
+    order = np.argsort(starts)
+    starts, ends = starts[order], ends[order]
+    return float((ends[1:] - starts[1:]).sum() / (ends[-1] - ends[0]))
+
+
 def _plain_loop(scorer, data: pd.DataFrame, batch_size: int) -> tuple[float, list]:
     """The same ``StageScorer`` called directly on the same batches in this process, with one torch
     thread as in its actor: (steady pairs/s, the margins of each batch)."""
@@ -60,11 +72,29 @@ def _plain_loop(scorer, data: pd.DataFrame, batch_size: int) -> tuple[float, lis
     return _steady(np.array(starts), np.array(ends), np.array(sizes)), margins
 
 
-def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int = 128) -> dict:
+def _actor_round(ds, cfg: JobConfig, base_path: str, adapter: str, batch_size: int) -> dict:
+    """One Ray Data actor pool (one actor, as in the pipeline) over ``ds``: its steady pairs/s, start-up
+    and scores."""
+    from props_ray.relabel import score_partition
+
+    t0 = time.time()
+    scored = score_partition(ds, base_path=base_path, adapter_path=adapter, model_cfg=cfg.model,
+                             beta=cfg.train.beta, num_actors=1, batch_size=batch_size, timing=True,
+                             compute="actors")
+    wall = time.time() - t0
+    batches = scored.groupby("batch_start").agg(end=("batch_end", "first"), n=("id", "size")).reset_index()
+    rate = _steady(batches["batch_start"].to_numpy(), batches["end"].to_numpy(), batches["n"].to_numpy())
+    return {"rate": rate, "busy": _busy(batches["batch_start"].to_numpy(), batches["end"].to_numpy()), "startup_s": float(batches["batch_start"].min()) - t0, "wall_s": wall,
+            "init_s": float(scored["actor_init_seconds"].iloc[0]), "scored": scored}
+
+
+def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int = 128, rounds: int = 3) -> dict:
     from props_ray.data.tokenize_step import to_training_dataset
     from props_ray.modeling import build_policy, save_policy
     from props_ray.relabel import StageScorer, score_partition
 
+    if rounds < 1:
+        raise ValueError(f"relabel bench: rounds must be at least 1, got {rounds}")
     with tempfile.TemporaryDirectory() as tmp:
         adapters = []
         for i in range(3):  # three stage models: the actor pool's, then one per task-path relabel
@@ -81,21 +111,16 @@ def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int
         finally:
             torch.set_num_threads(threads)
         data = ds.to_pandas()
-        loop_before, _ = _plain_loop(scorer, data, batch_size)
 
-        # -- Ray Data actor pool (one actor, as in the pipeline) -------------------------
-        t0 = time.time()
-        scored = score_partition(ds, base_path=base_path, adapter_path=adapter, model_cfg=cfg.model,
-                                 beta=cfg.train.beta, num_actors=1, batch_size=batch_size, timing=True,
-                                 compute="actors")
-        wall = time.time() - t0
-        batches = scored.groupby("batch_start").agg(end=("batch_end", "first"), n=("id", "size")).reset_index()
-        ray_rate = _steady(batches["batch_start"].to_numpy(), batches["end"].to_numpy(), batches["n"].to_numpy())
-        first_batch = float(batches["batch_start"].min())
+        # -- alternate: loop, pool, loop, pool, ..., loop ---------------------------------
+        loops, pools = [_plain_loop(scorer, data, batch_size)], []
+        for _ in range(rounds):
+            pools.append(_actor_round(ds, cfg, base_path, adapter, batch_size))
+            loops.append(_plain_loop(scorer, data, batch_size))
+        brackets = [(loops[i][0] + loops[i + 1][0]) / 2 for i in range(rounds)]
+        ratios = [pool["rate"] / loop for pool, loop in zip(pools, brackets)]
+        median = int(np.argsort(ratios)[(rounds - 1) // 2])
 
-        # -- the plain loop again, right after ------------------------------------------
-        loop_after, margins = _plain_loop(scorer, data, batch_size)
-        loop_rate = (loop_before + loop_after) / 2
         # -- the CPU path: model-caching tasks, two successive relabels with new stage models --------
         tasks = []
         for path in adapters[1:]:
@@ -105,12 +130,16 @@ def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int
                                   compute="tasks")
             tasks.append({"startup_s": float(out["batch_start"].min()) - t1, "wall_s": time.time() - t1})
         # The two paths must agree on the scores, or the comparison is meaningless.
-        loop_margin = pd.Series(np.concatenate(margins), index=data["id"].to_numpy())
-        diff = float(np.abs(scored.set_index("id")["margin"] - loop_margin.reindex(scored["id"]).to_numpy()).max())
-    return {"pairs": len(pairs), "batch_size": batch_size, "ray_data_pairs_per_s": ray_rate,
-            "plain_loop_pairs_per_s": loop_rate, "ratio": ray_rate / loop_rate,
-            "plain_loop_before_pairs_per_s": loop_before, "plain_loop_after_pairs_per_s": loop_after,
-            "actor_startup_s": first_batch - t0,
-            "actor_init_s": float(scored["actor_init_seconds"].iloc[0]), "ray_data_wall_s": wall,
+        loop_margin = pd.Series(np.concatenate(loops[-1][1]), index=data["id"].to_numpy())
+        diff = max(float(np.abs(p["scored"].set_index("id")["margin"]
+                                - loop_margin.reindex(p["scored"]["id"]).to_numpy()).max()) for p in pools)
+    first = pools[0]
+    return {"pairs": len(pairs), "batch_size": batch_size, "rounds": rounds,
+            "ray_data_pairs_per_s": pools[median]["rate"], "plain_loop_pairs_per_s": brackets[median],
+            "ratio": ratios[median], "round_ratios": ratios,
+            "plain_loop_runs_pairs_per_s": [loop[0] for loop in loops],
+            "ray_data_runs_pairs_per_s": [pool["rate"] for pool in pools],
+            "actor_busy_share": pools[median]["busy"],
+            "actor_startup_s": first["startup_s"], "actor_init_s": first["init_s"], "ray_data_wall_s": first["wall_s"],
             "max_margin_difference": diff, "tasks_startup_first_s": tasks[0]["startup_s"],
             "tasks_startup_next_s": tasks[1]["startup_s"], "tasks_wall_next_s": tasks[1]["wall_s"]}

@@ -49,7 +49,9 @@ SIZES = {
     "throughput_160m_epochs": (2, 3),  # the first is warm-up: two timed epochs (8 steps) in the full bench
     # DP-SGD against non-private: timed steps per mode, interleaved (8 in --quick until 2026-12-07, when CI
     # read the tiny model's ratio at 1.00-1.13 on unchanged steps; 30 still read 1.08 and 1.15 that day).
-    "dp_steps": (30, 100), "relabel_pairs": (1024, 4096), "ppo_steps": (3, 8), "synthetic_samples": (1024, 8192), "gpu_steps": (5, 10),
+    # relabel: pairs each side scores per round; 1,024 in --quick until 2026-12-07, when one round of it read
+    # 0.76-1.22 on one build (see props_ray.bench.relabel).
+    "dp_steps": (30, 100), "relabel_pairs": (2048, 4096), "relabel_rounds": (3, 5), "ppo_steps": (3, 8), "synthetic_samples": (1024, 8192), "gpu_steps": (5, 10),
 }
 
 
@@ -143,8 +145,9 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
 
         n = _size("relabel_pairs", quick)
         pairs = embedded_task(cfg).preference_pairs(n, cfg.seed + 1)
-        say(f"[bench] relabel: {n} pairs, batch 128, one actor vs a plain loop; then the CPU path (tasks)")
-        report["sections"]["relabel"] = relabel.measure(cfg, base, pairs)
+        say(f"[bench] relabel: {n} pairs, batch 128, one actor vs a plain loop, {_size('relabel_rounds', quick)} rounds; "
+            "then the CPU path (tasks)")
+        report["sections"]["relabel"] = relabel.measure(cfg, base, pairs, rounds=_size("relabel_rounds", quick))
 
     if "ppo" in sections:
         from props_ray.bench import ppo
@@ -234,9 +237,10 @@ def format_report(report: dict) -> str:
         r = s["relabel"]
         lines.append(f"relabel: actor start-up {r['actor_startup_s']:.1f}s (model load {r['actor_init_s']:.1f}s), "
                      f"{r['pairs']} pairs in {r['ray_data_wall_s']:.1f}s through Ray Data; "
-                     f"scores agree to {r['max_margin_difference']:.1e}; the plain loop "
-                     f"{r['plain_loop_before_pairs_per_s']:.0f} pairs/s before the pool and "
-                     f"{r['plain_loop_after_pairs_per_s']:.0f} after (the table has their mean)")
+                     f"scores agree to {r['max_margin_difference']:.1e}; {r['rounds']} rounds, each a pool between "
+                     f"two plain loops, ratios {', '.join(f'{x:.2f}' for x in r['round_ratios'])} "
+                     f"(the table has the median round), in which the actor scored for "
+                     f"{100 * r['actor_busy_share']:.0f}% of its steady time and Ray Data handed over the rest")
         lines.append(f"relabel on CPUs (model-caching tasks, a new stage model each): start-up "
                      f"{r['tasks_startup_first_s']:.1f}s the first time, {r['tasks_startup_next_s']:.1f}s the next, "
                      f"which took {r['tasks_wall_next_s']:.1f}s in all")

@@ -126,10 +126,10 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
             say("  TRL is not installed (the 'bench' extra); the comparison is skipped")
         else:
             threads = int(t_cfg.train.num_workers * t_cfg.train.cpus_per_worker)
-            sec["trl"] = {"version": version, **throughput.trl_throughput(t_cfg, t_base, pairs, threads)}
+            sec["trl"] = {"version": version, **throughput.trl_throughput_fresh(t_cfg, t_base, pairs, threads)}
             sec["ratio"] = sec["props_ray"]["pairs_per_s"] / sec["trl"]["pairs_per_s"]
-            sec["trl_precomputed"] = {"version": version, **throughput.trl_throughput(t_cfg, t_base, pairs, threads,
-                                                                                      precompute_ref=True)}
+            sec["trl_precomputed"] = {"version": version, **throughput.trl_throughput_fresh(
+                t_cfg, t_base, pairs, threads, precompute_ref=True)}
             sec["ratio_precomputed"] = sec["props_ray"]["pairs_per_s"] / sec["trl_precomputed"]["pairs_per_s"]
         report["sections"]["throughput"] = sec
 

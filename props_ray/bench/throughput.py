@@ -18,13 +18,24 @@ which TRL is told not to write).
 
 props-ray runs as users run it: ``num_workers`` Ray Train workers (DDP, gloo
 on CPU) with ``cpus_per_worker`` threads each. TRL runs in one process with
-the same total number of threads. TRL is installed only by the ``bench``
+the same total number of threads, a fresh Python process (:func:`trl_throughput_fresh`) as the Ray
+Train workers are. Before 2026-12-07 it ran in the bench's own process, whose speed depends on the
+sections that ran in it before: the relabel bench's pool-to-loop ratio read 0.71 to 1.38 from run to
+run with its loop there, and 0.89 to 1.12 with the loop in a process of its own
+(:mod:`props_ray.bench.relabel`). TRL is installed only by the ``bench``
 extra; without it the comparison says so and is skipped.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 
@@ -156,8 +167,6 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
     ``precompute_ref``: TRL's ``precompute_ref_log_probs`` (a reference pass over the data before
     training, outside the timed epochs), the counterpart of props-ray reusing each pair's reference
     log-probs after the first epoch; TRL's default recomputes them every step."""
-    import tempfile
-
     import datasets
     import torch
     from datasets import Dataset
@@ -210,3 +219,22 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
     out = steady_state(epochs, len(pairs))
     out.update(threads=threads)
     return out
+
+
+def trl_throughput_fresh(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads: int,
+                         precompute_ref: bool = False) -> dict:
+    """:func:`trl_throughput` in a fresh Python process (``python -m props_ray.bench.throughput ARGS``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = Path(tmp) / "args.pickle"
+        args.write_bytes(pickle.dumps((cfg, base_path, pairs, threads, precompute_ref)))
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, "-m", "props_ray.bench.throughput", str(args)],
+                              capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the TRL throughput process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    cfg_, base_, pairs_, threads_, precompute_ = pickle.loads(Path(sys.argv[1]).read_bytes())
+    print(json.dumps(trl_throughput(cfg_, base_, pairs_, threads_, precompute_ref=precompute_)))

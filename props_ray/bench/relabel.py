@@ -75,9 +75,10 @@ def _plain_loop(scorer, data: pd.DataFrame, batch_size: int) -> tuple[float, lis
 class LoopHost:
     """The plain loop's process: a plain Ray actor, started once, that holds a ``StageScorer`` and runs
     :func:`_plain_loop` when asked. It starts as the pool's actor does (a Ray worker process, one torch
-    thread), so the two sides differ by Ray Data alone. The loop used to run in the bench's own
-    process, after the sections before it; in CI on 2026-12-07 it read 1,499 pairs/s there against the
-    pool's 2,045 (1.36x), where run alone it read about what the pool did."""
+    thread), so the two sides start alike. The loop used to run in the bench's own process, after the
+    sections before it; in CI on 2026-12-07 it read 1,499 pairs/s there against the pool's 2,045
+    (1.36x). Here it still slowed from one call to the next in some runs (1,921 to 1,619 pairs/s over
+    four calls in CI), which the busy share of :func:`_busy` does not depend on."""
 
     def __init__(self, scorer_kwargs: dict):
         from props_ray.relabel import StageScorer

@@ -77,8 +77,8 @@ class LoopHost:
     :func:`_plain_loop` when asked. It starts as the pool's actor does (a Ray worker process, one torch
     thread), so the two sides start alike. The loop used to run in the bench's own process, after the
     sections before it; in CI on 2026-12-07 it read 1,499 pairs/s there against the pool's 2,045
-    (1.36x). Here it still slowed from one call to the next in some runs (1,921 to 1,619 pairs/s over
-    four calls in CI), which the busy share of :func:`_busy` does not depend on."""
+    (1.36x). Here its calls still spread with the machine's speed (eight in a row read 1,422 to 2,280
+    pairs/s), which the busy share of :func:`_busy` does not depend on."""
 
     def __init__(self, scorer_kwargs: dict):
         from props_ray.relabel import StageScorer

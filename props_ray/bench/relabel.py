@@ -1,5 +1,6 @@
 """Relabel throughput: the Ray Data actor-pool scorer against a plain scoring loop in a Ray worker
-process of its own (:class:`LoopHost`), and the start-up of the CPU path (model-caching tasks, see :mod:`props_ray.batch_inference`).
+process of its own (:class:`LoopHost`), and the start-up of the CPU path (model-caching tasks, see
+:mod:`props_ray.batch_inference`).
 
 Both run the same ``StageScorer`` on the same tokenized pairs, with the same stage model (the embedded
 reference plus a LoRA adapter), batch size and one torch thread, computing the
@@ -102,7 +103,8 @@ def _actor_round(ds, cfg: JobConfig, base_path: str, adapter: str, batch_size: i
     batches = scored.groupby("batch_start").agg(end=("batch_end", "first"), n=("id", "size")).reset_index()
     rate = _steady(batches["batch_start"].to_numpy(), batches["end"].to_numpy(), batches["n"].to_numpy())
     return {"rate": rate, "busy": _busy(batches["batch_start"].to_numpy(), batches["end"].to_numpy()),
-            "startup_s": float(batches["batch_start"].min()) - t0, "wall_s": wall, "init_s": float(scored["actor_init_seconds"].iloc[0]), "scored": scored}
+            "startup_s": float(batches["batch_start"].min()) - t0, "wall_s": wall,
+            "init_s": float(scored["actor_init_seconds"].iloc[0]), "scored": scored}
 
 
 def measure(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, batch_size: int = 128, rounds: int = 3) -> dict:

@@ -51,7 +51,8 @@ SIZES = {
     # read the tiny model's ratio at 1.00-1.13 on unchanged steps; 30 still read 1.08 and 1.15 that day).
     # relabel: pairs each side scores per round; 1,024 in --quick until 2026-12-07, when one round of it read
     # 0.76-1.22 on one build (see props_ray.bench.relabel).
-    "dp_steps": (30, 100), "relabel_pairs": (2048, 4096), "relabel_rounds": (3, 5), "ppo_steps": (3, 8), "synthetic_samples": (1024, 8192), "gpu_steps": (5, 10),
+    "dp_steps": (30, 100), "relabel_pairs": (2048, 4096), "relabel_rounds": (3, 5), "ppo_steps": (3, 8),
+    "synthetic_samples": (1024, 8192), "gpu_steps": (5, 10),
 }
 
 
@@ -145,8 +146,8 @@ def run_bench(quick: bool, sections: list[str], output_dir: str, job: str = "job
 
         n = _size("relabel_pairs", quick)
         pairs = embedded_task(cfg).preference_pairs(n, cfg.seed + 1)
-        say(f"[bench] relabel: {n} pairs, batch 128, one actor vs a plain loop, {_size('relabel_rounds', quick)} rounds; "
-            "then the CPU path (tasks)")
+        say(f"[bench] relabel: {n} pairs, batch 128, one actor vs a plain loop, "
+            f"{_size('relabel_rounds', quick)} rounds; then the CPU path (tasks)")
         report["sections"]["relabel"] = relabel.measure(cfg, base, pairs, rounds=_size("relabel_rounds", quick))
 
     if "ppo" in sections:

@@ -19,10 +19,10 @@ which TRL is told not to write).
 props-ray runs as users run it: ``num_workers`` Ray Train workers (DDP, gloo
 on CPU) with ``cpus_per_worker`` threads each. TRL runs in one process with
 the same total number of threads, a fresh Python process (:func:`trl_throughput_fresh`) as the Ray
-Train workers are. Before 2026-12-07 it ran in the bench's own process, whose speed depends on the
-sections that ran in it before: the relabel bench's pool-to-loop ratio read 0.71 to 1.38 from run to
-run with its loop there, and 0.89 to 1.12 with the loop in a process of its own
-(:mod:`props_ray.bench.relabel`). TRL is installed only by the ``bench``
+Train workers are, rather than in the bench's own process after the sections before it (until
+2026-12-07). On the tiny model the two placements read within the machine's run-to-run spread: TRL
+107.8 and 117.0 pairs/s in the bench's process, 93.6 and 121.3 in its own (default and
+``precompute_ref_log_probs``, 2026-12-07). TRL is installed only by the ``bench``
 extra; without it the comparison says so and is skipped.
 """
 

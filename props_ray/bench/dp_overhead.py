@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+from props_ray.bench.child import run_json_child
 
 TIME_GOAL, MEMORY_GOAL = 1.10, 1.3
 LARGE_TIME_GOAL = 1.05  # the step-time goal at the Pythia architectures (160M and up)
@@ -262,12 +261,9 @@ def measure_time(model_name: str, batch: int, length: int, steps: int, warmup: i
 def run_child(args, what: str, model: str, mode: str, batch: int, length: int, steps: int, warmup: int,
               dtype: str = "float32", weights: str = "float32") -> dict:
     """One measurement in a fresh subprocess (``args.threads`` torch threads)."""
-    cmd = [sys.executable, "-m", "props_ray.bench.dp_overhead", "--child", what, model, mode, "--batch", str(batch),
-           "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads),
-           "--dtype", dtype, "--weights", weights]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child("props_ray.bench.dp_overhead", "--child", what, model, mode, "--batch", str(batch),
+                          "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
+                          "--threads", str(args.threads), "--dtype", dtype, "--weights", weights)
 
 
 def measure(model: str = "tiny", batch: int = 32, length: int = 16, steps: int = 20, warmup: int = 3,

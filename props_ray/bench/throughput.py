@@ -29,9 +29,7 @@ extra; without it the comparison says so and is skipped.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from props_ray.bench.child import run_json_child
 from props_ray.config import JobConfig
 from props_ray.modeling import LORA_TARGETS
 from props_ray.ray_runtime import environment_set
@@ -227,12 +226,7 @@ def trl_throughput_fresh(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, th
     with tempfile.TemporaryDirectory() as tmp:
         args = Path(tmp) / "args.pickle"
         args.write_bytes(pickle.dumps((cfg, base_path, pairs, threads, precompute_ref)))
-        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, "-m", "props_ray.bench.throughput", str(args)],
-                              capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the TRL throughput process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return run_json_child("props_ray.bench.throughput", str(args))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def load_base_model(path: str, cfg: ModelConfig, device: torch.device | str = "c
     # Weights stay float32 (what DP-SGD and the optimizer want); bf16/fp16 is autocast on CUDA.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.23 renamed gradient_checkpointing_enable (kept, with a FutureWarning)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         model.config.use_cache = False
     return model.to(device)
 

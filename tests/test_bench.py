@@ -117,6 +117,45 @@ def test_long_pairs_are_the_same_token_rows_in_both_trainers(tmp_path):
             assert full == arr[f"{side}_input_ids"][i].tolist()
 
 
+def test_trl_trains_in_the_precision_and_checkpointing_props_ray_uses(tmp_path):
+    """TRL's DPOConfig turns on bf16 autocast and activation checkpointing unless told otherwise; the
+    comparison gives TRL props-ray's settings (float32 on the CPU, checkpointing only when configured),
+    as its trainer applies them: the accelerator's mixed precision and the model's checkpointing."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from trl import DPOTrainer
+
+    from props_ray.bench.throughput import bench_job, trl_args
+    from props_ray.embedded.model import build_tokenizer
+    from props_ray.modeling import load_base_model, load_tokenizer
+    from props_ray.reference import embedded_task
+
+    cfg = bench_job(str(tmp_path), 4, 2, 2, num_workers=1, cpus_per_worker=1)
+    build_tokenizer(embedded_task(cfg)).save_pretrained(tmp_path / "base")
+    tok = load_tokenizer(str(tmp_path / "base"))
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "base")
+    data = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
+    for checkpointing in (False, True):
+        cfg.model.gradient_checkpointing = checkpointing
+        args = trl_args(cfg, str(tmp_path / "trl"))
+        assert (args.bf16, args.fp16, args.gradient_checkpointing) == (False, False, checkpointing)
+        model = load_base_model(str(tmp_path / "base"), cfg.model)
+        assert _checkpointing(model) is checkpointing  # props-ray's side, as configured
+        trainer = DPOTrainer(model=model, args=args, processing_class=tok, train_dataset=data,
+                             peft_config=LoraConfig(r=2, target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+        assert trainer.accelerator.mixed_precision == "no"
+        assert _checkpointing(trainer.model.base_model.model) is checkpointing
+
+
+def _checkpointing(model) -> bool:
+    if hasattr(model, "activation_checkpointing_enable"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing  # transformers < 5.23's name
+
+
 def test_the_dp_sgd_step_timed_by_the_bench_adds_its_noise(monkeypatch):
     """The overhead bench times the whole DP-SGD step: per-pair clipping and the Gaussian noise, at the
     fixed sigma = 1 (std sigma * C over every trainable parameter, once a step)."""

@@ -7,7 +7,9 @@ pairs of exactly 2 x 128 tokens (:func:`long_pairs`), where a step is mostly mat
 Both train the same model (the embedded reference with a fresh LoRA adapter on
 the same modules), on the same pairs, with the same global batch, sequence
 lengths, number of steps, optimizer (AdamW, same learning rate), ``sigmoid``
-loss and beta; both compute the reference log-probs with the adapters disabled.
+loss and beta, in the same precision and with the same activation checkpointing
+(:func:`trl_args`: float32 and none on the CPU, unlike TRL's own defaults); both
+compute the reference log-probs with the adapters disabled.
 props-ray computes them once per pair and reuses them; TRL is measured both
 ways, recomputing them every step (its default) and with
 ``precompute_ref_log_probs``. The figure is pairs per second at steady state:
@@ -159,6 +161,34 @@ def trl_available() -> str | None:
     return trl.__version__
 
 
+def trl_args(cfg: JobConfig, output_dir: str, precompute_ref: bool = False):
+    """TRL's ``DPOConfig`` for the same training as ``cfg``.
+
+    TRL's own defaults differ from props-ray's where it costs most: ``bf16`` autocast and activation
+    checkpointing are on unless set. props-ray trains in float32 on the CPU and autocasts only on CUDA
+    (``model.dtype``), and checkpoints only with ``model.gradient_checkpointing``; TRL is told the same.
+    On a CPU without AVX-512 a bf16 matrix product is emulated: 2,048 x 768 by 768 x 3,072 took 10.0 s
+    against 86 ms in float32 (2026-12-07), which is what had TRL's 160M training not finish."""
+    import torch
+    from trl import DPOConfig
+
+    cuda = torch.cuda.is_available()
+    # transformers 5 renamed gradient_checkpointing (still accepted, with a warning) to activation_checkpointing
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__
+                     else "gradient_checkpointing")
+    return DPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=cfg.train.batch_size, num_train_epochs=cfg.train.epochs,
+        learning_rate=cfg.train.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm or 0.0,
+        beta=cfg.train.beta, loss_type=["sigmoid"],
+        max_length=cfg.data.max_prompt_length + cfg.data.max_response_length,
+        bf16=cuda and cfg.model.dtype == "bfloat16", fp16=cuda and cfg.model.dtype == "float16",
+        **{checkpointing: cfg.model.gradient_checkpointing},
+        use_cpu=not cuda, report_to="none", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed,
+        precompute_ref_log_probs=precompute_ref)
+
+
 def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads: int,
                    precompute_ref: bool = False) -> dict:
     """The same training with TRL's DPOTrainer in this process, ``threads`` torch threads.
@@ -172,7 +202,7 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
     from peft import LoraConfig
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from props_ray.modeling import load_base_model, load_tokenizer, lora_targets
 
@@ -197,15 +227,7 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
                           target_modules=lora_targets(model, cfg.model), task_type="CAUSAL_LM")
         timer = EpochTimer()
         with tempfile.TemporaryDirectory() as out:
-            args = DPOConfig(
-                output_dir=out, per_device_train_batch_size=cfg.train.batch_size, num_train_epochs=cfg.train.epochs,
-                learning_rate=cfg.train.lr, lr_scheduler_type="constant", warmup_steps=0,
-                weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm or 0.0,
-                beta=cfg.train.beta, loss_type=["sigmoid"],
-                max_length=cfg.data.max_prompt_length + cfg.data.max_response_length,
-                use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
-                logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed,
-                precompute_ref_log_probs=precompute_ref)
+            args = trl_args(cfg, out, precompute_ref)
             with environment_set({"TQDM_DISABLE": "1"}):  # TRL's reference pass draws one of its own
                 trainer = DPOTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
                                      train_dataset=Dataset.from_pandas(_as_completions(pairs), preserve_index=False),

@@ -42,7 +42,9 @@ GOALS = {"throughput": (">=", 1.5), "dp_time": ("<=", 1.10), "dp_memory": ("<=",
 SIZES = {
     # --quick: PROPS alone with K = 2 (two training runs and a relabel), fewer pairs and prompts.
     "demo_overrides": (["data.num_pairs=900", "data.eval_prompts=64", "stages=2", "methods=[{method: props}]"], []),
-    "throughput_pairs": (512, 2048), "throughput_epochs": (2, 3),
+    # the tiny model's epochs, the first warm-up: a --quick epoch takes 0.3-0.7 s here, so three timed
+    # epochs (one until 2026-12-07) time about three times as long a stretch of the machine's speed
+    "throughput_pairs": (512, 2048), "throughput_epochs": (4, 3),
     # throughput: the embedded tiny model (--quick), or a Pythia-160M architecture on 2 x 128-token pairs
     # (pairs, batch, prompt tokens, response tokens) of the Pythia one
     "throughput_model": ("tiny", "pythia-160m-arch"), "throughput_160m": ((16, 8, 64, 64), (32, 8, 64, 64)),

@@ -124,19 +124,17 @@ def test_trl_trains_in_the_precision_and_checkpointing_props_ray_uses(tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     from trl import DPOTrainer
 
     from props_ray.bench.throughput import bench_job, trl_args
-    from props_ray.embedded.model import build_tokenizer
+    from props_ray.embedded.model import build_tiny_model, build_tokenizer
     from props_ray.modeling import load_base_model, load_tokenizer
     from props_ray.reference import embedded_task
 
     cfg = bench_job(str(tmp_path), 4, 2, 2, num_workers=1, cpus_per_worker=1)
     build_tokenizer(embedded_task(cfg)).save_pretrained(tmp_path / "base")
     tok = load_tokenizer(str(tmp_path / "base"))
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "base")
+    build_tiny_model(len(tok), hidden_size=16, num_layers=1, num_heads=2).save_pretrained(tmp_path / "base")
     data = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
     for checkpointing in (False, True):
         cfg.model.gradient_checkpointing = checkpointing

@@ -79,7 +79,7 @@ def apply_combination(privatized: pd.DataFrame, margins: pd.DataFrame, epsilon: 
 
     Returns {id, prompt, chosen, rejected, confidence} where ``chosen`` is the
     response the combination prefers and ``confidence`` the probability it is
-    truly preferred (1.0 for the hard ``mle`` rule).
+    truly preferred (at least 1/2; the hard loss ignores it).
     """
     merged = privatized.merge(margins[["id", "margin"]], on="id", how="left", validate="one_to_one")
     if merged["margin"].isna().any():

@@ -109,8 +109,8 @@ class PropsSection(MethodSection):
     method: Literal["props"]
     loss: Literal["sigmoid", "robust", "soft"] | None = Field(
         None, description="stage 1: sigmoid (default) or robust (uses gamma_eps); later stages: sigmoid trains on "
-                          "the combined hard label, soft on its confidence (default: soft for rule posterior, "
-                          "sigmoid for mle)")
+                          "the combined hard label, soft on its confidence (for mle the rule's own posterior; "
+                          "default: soft for rule posterior, sigmoid for mle)")
     rule: Literal["mle", "posterior"] = "mle"
     model_error_confidence: float | None = Field(
         None, gt=0.5, lt=1.0, description="rule mle: use this upper confidence bound on the stage model's "

@@ -26,13 +26,15 @@ def test_mle_hand_computed():
     c = combine_mle(margins, eps)
     assert c.disagreement == pytest.approx(0.4)
     assert c.model_error == pytest.approx(0.3)
-    assert c.confidence.tolist() == [1.0] * 10  # keep every RR label
+    assert not c.flipped.any()  # keep every RR label
+    # posterior log-odds log 3 +- log(7/3): 7/8 where the model agrees, 9/16 where it does not
+    assert c.confidence.tolist() == pytest.approx([7 / 8] * 6 + [9 / 16] * 4)
     # disagreement 0.3 -> gamma_M = 0.1 < gamma: the model wins where they disagree
     margins = np.array([1, 2, 3, 1, 1, 1, 1, -2, -1, -1.0])
     c = combine_mle(margins, eps)
     assert c.model_error == pytest.approx(0.1)
-    assert c.confidence.tolist() == [1.0] * 7 + [0.0] * 3
-    assert c.flipped.sum() == 3
+    assert c.flipped.tolist() == [False] * 7 + [True] * 3
+    assert c.confidence.tolist() == pytest.approx([27 / 28] * 7 + [1 / 4] * 3)  # log 3 +- log 9
 
 
 def test_mle_sign_rule_matches_formula():
@@ -43,7 +45,8 @@ def test_mle_sign_rule_matches_formula():
     g, gm = flip_probability(eps), c.model_error
     l_m = (margins < 0).astype(int)
     score = np.log((1 - g) / g) + (-1.0) ** l_m * np.log((1 - gm) / gm)  # l_RR = 0 in RR orientation
-    assert np.array_equal(c.confidence == 1.0, score >= 0)
+    assert np.array_equal(~c.flipped, score >= 0)
+    np.testing.assert_allclose(c.confidence, 1 / (1 + np.exp(-score)))
 
 
 def test_gamma_m_estimated_on_simulated_labels():
@@ -58,6 +61,11 @@ def test_gamma_m_estimated_on_simulated_labels():
     assert c.model_error == pytest.approx(true_gm, abs=0.01)
     combined_ok = np.where(c.flipped, 1 - rr, rr) == truth
     assert combined_ok.mean() > 1 - true_gm - 0.01 > 1 - g  # better than RR alone
+    # its confidence is calibrated: where it says p, the RR-chosen response is truly preferred a p share
+    rr_right = rr == truth
+    for agree in (True, False):
+        group = (margins > 0) == agree
+        assert rr_right[group].mean() == pytest.approx(c.confidence[group].mean(), abs=0.02)
 
 
 def test_posterior_hand_computed():

@@ -37,7 +37,7 @@ def test_apply_combination_orients_chosen_by_the_combined_label():
     assert comb.disagreement == pytest.approx(1 / 3)
     assert out.set_index("id").loc["c", "chosen"] == "z2"
     assert out.set_index("id").loc["a", "chosen"] == "x1"
-    assert (out["confidence"] == 1.0).all()
+    assert (out["confidence"] > 0.99).all()  # gamma_M clamped to 0.001: the model's label is near-certain
     soft, _ = apply_combination(priv, margins, epsilon=0.1, rule="posterior")
     assert soft["confidence"].between(0.5, 1.0).all()
     assert soft.set_index("id").loc["c", "chosen"] == "z2"

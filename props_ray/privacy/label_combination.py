@@ -10,8 +10,11 @@ labels (it was trained on earlier, disjoint partitions), so every output is
 post-processing of epsilon-label-DP data: the guarantee stays epsilon.
 
 Outputs are the probability that the RR-chosen response is truly preferred
-(``confidence``): hard rules return 0.0 or 1.0, ``posterior`` returns a value
-in (0, 1).
+(``confidence``), in (0, 1), and the hard label it implies (``flipped`` where it
+is below 1/2). ``mle`` decides by the sign of its log-likelihood ratio and its
+confidence is that ratio's posterior under the rule's own model (independent RR
+and model errors at rates gamma_eps and gamma_M); ``posterior`` calibrates the
+margin itself.
 """
 
 from __future__ import annotations
@@ -92,7 +95,10 @@ def combine_mle(margins: np.ndarray, epsilon: float, model_error_confidence: flo
 
     Decide each pair by the sign of
         (-1)^l_RR log((1-gamma)/gamma) + (-1)^l_M log((1-gamma_M)/gamma_M),
-    with l = 0 meaning "prefers the RR-chosen response". Ties keep the RR label.
+    with l = 0 meaning "prefers the RR-chosen response". Ties keep the RR label. That sum is the
+    log-odds that the RR-chosen response is truly preferred when the RR and model labels err
+    independently at rates gamma and gamma_M, so ``confidence`` is its sigmoid: the hard loss uses
+    only its sign, the ``soft`` loss the probability (label smoothing by the rule's own error model).
 
     ``model_error_confidence`` (e.g. 0.95) plugs in the upper confidence bound on gamma_M instead of
     its point estimate: the model overrides an RR label only where the privatized labels show, at
@@ -110,8 +116,8 @@ def combine_mle(margins: np.ndarray, epsilon: float, model_error_confidence: flo
     used = gamma_m if bound is None else bound
     w_rr = np.log((1.0 - gamma) / gamma)
     w_m = np.log((1.0 - used) / used)
-    score = w_rr + np.where(disagree, -w_m, w_m)
-    confidence = (score >= 0).astype(np.float64)
+    score = w_rr + np.where(disagree, -w_m, w_m)  # the log-odds that the RR-chosen response is preferred
+    confidence = expit(score)
     return Combination(confidence=confidence, rule="mle", disagreement=d, model_error=gamma_m,
                        model_error_bound=bound)
 

@@ -43,3 +43,16 @@ def test_apply_combination_orients_chosen_by_the_combined_label():
     assert soft.set_index("id").loc["c", "chosen"] == "z2"
     with pytest.raises(RuntimeError, match="no margin"):
         apply_combination(priv, margins.iloc[:2], epsilon=0.1, rule="mle")
+
+
+def test_mle_confidence_is_the_posterior_of_the_oriented_label():
+    # gamma_eps = 0.25; 3 of 10 disagree -> gamma_M = 0.1: the model wins where it disagrees
+    ids = [f"p{i}" for i in range(10)]
+    priv = pd.DataFrame({"id": ids, "prompt": ["p"] * 10, "chosen": [f"{i}a" for i in ids],
+                         "rejected": [f"{i}b" for i in ids]})
+    margins = pd.DataFrame({"id": ids, "margin": [1.0] * 7 + [-1.0] * 3})
+    out, comb = apply_combination(priv, margins, epsilon=np.log(3), rule="mle")
+    out = out.set_index("id").loc[ids]
+    assert out["chosen"].tolist() == [f"{i}a" for i in ids[:7]] + [f"{i}b" for i in ids[7:]]
+    # log-odds of the combined label: log 3 + log 9 where both agree, log 9 - log 3 where the model wins
+    np.testing.assert_allclose(out["confidence"], [27 / 28] * 7 + [3 / 4] * 3, rtol=1e-6)

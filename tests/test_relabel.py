@@ -51,7 +51,7 @@ def test_mle_confidence_is_the_posterior_of_the_oriented_label():
     priv = pd.DataFrame({"id": ids, "prompt": ["p"] * 10, "chosen": [f"{i}a" for i in ids],
                          "rejected": [f"{i}b" for i in ids]})
     margins = pd.DataFrame({"id": ids, "margin": [1.0] * 7 + [-1.0] * 3})
-    out, comb = apply_combination(priv, margins, epsilon=np.log(3), rule="mle")
+    out, _ = apply_combination(priv, margins, epsilon=np.log(3), rule="mle")
     out = out.set_index("id").loc[ids]
     assert out["chosen"].tolist() == [f"{i}a" for i in ids[:7]] + [f"{i}b" for i in ids[7:]]
     # log-odds of the combined label: log 3 + log 9 where both agree, log 9 - log 3 where the model wins

@@ -10,6 +10,7 @@ from the same reference.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -81,6 +82,25 @@ def sft_warmup(model, tokenizer, prompts, responses, steps: int, batch_size: int
     return losses
 
 
+#: Intra-op threads of the embedded reference's SFT, whatever the machine. A CPU kernel's sums split
+#: over threads, so the warmed-up weights depend on their number: with torch's default (one per core)
+#: a 2-core and an 8-core machine built different references from the same settings, and the cache
+#: key (task, model, SFT settings, seed) named both. Two is what the 2-core machines behind the
+#: README's figures used.
+SFT_THREADS = 2
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` within the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_embedded_reference(cfg: JobConfig, path: Path) -> None:
     from props_ray.embedded.model import build_tiny_model, build_tokenizer
 
@@ -92,7 +112,7 @@ def build_embedded_reference(cfg: JobConfig, path: Path) -> None:
                              max_positions=max(64, cfg.data.max_prompt_length + cfg.data.max_response_length),
                              seed=cfg.seed)
     prompts, responses = task.sft_examples(cfg.model.sft.examples, cfg.seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch_threads(SFT_THREADS):
         torch.manual_seed(cfg.seed)
         losses = sft_warmup(model, tok, prompts, responses, cfg.model.sft.steps, cfg.model.sft.batch_size,
                             cfg.model.sft.lr, cfg.data.max_prompt_length, cfg.data.max_response_length, cfg.seed)

@@ -65,3 +65,29 @@ def test_config_preset_fills_what_is_not_given(tmp_path):
         load_job(job, ["task.preset=hard", "data.max_response_length=8"])
     with pytest.raises(ConfigError, match="task.preset"):
         load_job(job, ["task.preset=harder"])
+
+
+def test_the_reference_is_the_same_whatever_the_threads_of_the_process_that_builds_it(tmp_path):
+    """The embedded reference's SFT runs on a fixed number of intra-op threads, so a machine with more
+    or fewer cores builds the weights the README's figures were measured with. Unpinned, 1 and 2
+    threads give different weights (a sum split over threads rounds differently)."""
+    import hashlib
+
+    import torch
+
+    from props_ray import reference
+
+    cfg = JobConfig.model_validate({"name": "threads", "output_dir": str(tmp_path),
+                                    "model": {"sft": {"steps": 12, "examples": 256}}, "methods": [{"method": "rr"}]})
+    before = torch.get_num_threads()
+    built = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            path = tmp_path / f"ref-{threads}"
+            reference.build_embedded_reference(cfg, path)
+            assert torch.get_num_threads() == threads  # the process's own setting comes back
+            built[threads] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    finally:
+        torch.set_num_threads(before)
+    assert built[1] == built[2] == built[3]

@@ -147,6 +147,12 @@ def test_an_orders_reports_are_ray_trains_own_without_waiting_for_its_controller
     try:
         first = group.run(loop, {"order": "first"}, {})
         second = group.run(loop, {"order": "second"}, {})
+        # On a local instance no run has Ray Train's placement-group cleaner (it would poll the state
+        # API every second for the whole job); the same query finds the run's controller.
+        from ray.util.state import list_actors
+
+        assert list_actors(filters=[("class_name", "=", "TrainController")], raise_on_missing_output=False)
+        assert not list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")], raise_on_missing_output=False)
     finally:
         group.close()
     for order, reports in (("first", first), ("second", second)):

@@ -56,7 +56,7 @@ def run_training(cfg: JobConfig, run_name: str, loop: str, loop_config: dict, da
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = worker_group.trainer_class(TorchTrainer)(
         loop_fn, train_loop_config={**loop_config,
                                     worker_group.SHARDS: worker_group.split_equally(datasets, cfg.train.num_workers)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,

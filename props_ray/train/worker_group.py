@@ -196,6 +196,31 @@ def serve_per_worker(config: dict) -> None:
             ray.get(orders.finish.remote(seq, _take_order_reports(loop_config["order"])))
 
 
+def trainer_class(trainer_cls):
+    """``trainer_cls`` without Ray Train's placement-group cleaner on an embedded local Ray instance.
+
+    The cleaner is a detached actor that asks the state API (the dashboard) every second whether the
+    run's controller is alive, to release the placement group if the driver dies without closing the
+    run. A local instance dies with its driver, placement groups and all, so there it only costs a
+    process start and a poll a second, for the whole job. On a cluster (``RAY_ADDRESS``) it stays. Should
+    Ray Train's hook for its default callbacks change, the trainer is used as it is."""
+    from props_ray.ray_runtime import cluster_address
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return trainer_cls
+    if cluster_address() is not None or not hasattr(trainer_cls, "_create_default_callbacks"):
+        return trainer_cls
+
+    class LocalTrainer(trainer_cls):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTrainer
+
+
 class SharedWorkerGroup:
     """The job's worker group (a ``TorchTrainer`` whose ``fit`` runs in a driver thread until
     :meth:`close`). :meth:`run` trains one order and returns its reported checkpoints."""
@@ -207,7 +232,7 @@ class SharedWorkerGroup:
         self.num_workers = cfg.train.num_workers
         self.resources = {"CPU": cfg.train.cpus_per_worker}
         self.orders = _orders_actor().remote()
-        self.trainer = TorchTrainer(
+        self.trainer = trainer_class(TorchTrainer)(
             serve_per_worker, train_loop_config={"orders": self.orders},
             scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=False,
                                          resources_per_worker=self.resources),

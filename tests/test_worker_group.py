@@ -159,3 +159,33 @@ def test_an_orders_reports_are_ray_trains_own_without_waiting_for_its_controller
         assert [m["epoch"] for _, m in reports] == [0, 1, 2] and {m["order"] for _, m in reports} == {order}
         assert [(Path(p) / "state.txt").read_text() for p, _ in reports] == [f"{order} {e}" for e in range(3)]
     assert len({p for p, _ in first + second}) == 6
+
+
+class _Unloadable:
+    """An object whose unpickling raises: it can be put in the object store, never loaded."""
+
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse():
+    raise RuntimeError("an order's payload was deserialized")
+
+
+def test_the_orders_actor_passes_an_order_on_without_deserializing_it(ray_local):
+    """The Orders actor holds an order's object reference, not its contents: it never imports the
+    training loop's modules or Ray Data's (the shards), so the first order does not wait for them."""
+    import ray
+
+    from props_ray.train.worker_group import _orders_actor
+
+    orders = _orders_actor().remote()
+    try:
+        payload = ray.put(_Unloadable())
+        seq = ray.get(orders.submit.remote([payload]))
+        taken, (ref,) = ray.get(orders.next.remote(0))
+        assert taken == seq == 1 and ref == payload
+        with pytest.raises(Exception, match="deserialized"):  # what a worker would load, and the actor did not
+            ray.get(ref)
+    finally:
+        ray.kill(orders)

@@ -138,15 +138,20 @@ def _orders_actor():
     @ray.remote(num_cpus=0)
     class Orders:
         """The orders of a shared worker group, one at a time: the driver submits one and waits for its
-        result; every worker takes it, runs it, and rank 0 posts its checkpoints."""
+        result; every worker takes it, runs it, and rank 0 posts its checkpoints.
+
+        An order is ``[ref]``, the object-store reference of its (loop, loop config) in a list, which
+        Ray passes on as it is: this actor never deserializes an order, so it never imports the
+        training loop's modules (torch among them) or Ray Data's for the order's shards, about 4
+        CPU-seconds on the first order's critical path."""
 
         def __init__(self):
             self.seq, self.order, self.result, self.closed = 0, None, None, False
             self.changed = asyncio.Condition()
 
-        async def submit(self, loop, loop_config: dict) -> int:
+        async def submit(self, order: list) -> int:
             async with self.changed:
-                self.seq, self.order, self.result = self.seq + 1, (loop, loop_config), None
+                self.seq, self.order, self.result = self.seq + 1, order, None
                 self.changed.notify_all()
                 return self.seq
 
@@ -156,7 +161,7 @@ def _orders_actor():
             async with self.changed:
                 await self.changed.wait_for(
                     lambda: self.closed or (self.order is not None and self.result is None and self.seq > after))
-                return None if self.closed else (self.seq, *self.order)
+                return None if self.closed else (self.seq, self.order)
 
         async def finish(self, seq: int, result: list) -> None:
             async with self.changed:
@@ -189,7 +194,8 @@ def serve_per_worker(config: dict) -> None:
         order = ray.get(orders.next.remote(last))
         if order is None:
             return
-        seq, loop, loop_config = order
+        seq, (ref,) = order
+        loop, loop_config = ray.get(ref)
         loop(loop_config)
         last = seq
         if rank == 0:
@@ -259,7 +265,8 @@ class SharedWorkerGroup:
         import ray
 
         order = {**loop_config, SHARDS: split_equally(datasets, self.num_workers), SHARED_ORDER: True}
-        seq = ray.get(self.orders.submit.remote(loop, order))
+        payload = ray.put((loop, order))  # held here until the order's result is in (a restarted worker reads it)
+        seq = ray.get(self.orders.submit.remote([payload]))
         result = self.orders.result_of.remote(seq)
         while True:
             ready, _ = ray.wait([result], timeout=0.2)

@@ -299,5 +299,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_now(code) -> None:
+    """End the process the way the interpreter would, less its teardown: non-daemon threads joined,
+    output flushed, every ``atexit`` handler run (Ray's shutdown, MLflow's, logging's, temporary files'),
+    then ``os._exit``. The teardown that is skipped (freeing every module and object of torch,
+    transformers and Ray) took about 2.5 s after each command that had loaded them, with nothing left
+    to write."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0)
+
+
+def console() -> None:
+    """The ``props-ray`` command: :func:`main`, then :func:`exit_now` with its exit status. An error that
+    escapes ``main`` ends the process as usual (its traceback, status 1)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -83,10 +83,10 @@ def sft_warmup(model, tokenizer, prompts, responses, steps: int, batch_size: int
 
 
 #: Intra-op threads of the embedded reference's SFT, whatever the machine. A CPU kernel's sums split
-#: over threads, so the warmed-up weights depend on their number: with torch's default (one per core)
-#: a 2-core and an 8-core machine built different references from the same settings, and the cache
-#: key (task, model, SFT settings, seed) named both. Two is what the 2-core machines behind the
-#: README's figures used.
+#: over threads, so the warmed-up weights depend on their number (1 and 2 threads differ): with
+#: torch's default, one thread per core, machines with other core counts built other references from
+#: the same settings, under the same cache key (task, model, SFT settings, seed). Two is what the
+#: 2-core machines behind the README's figures used.
 SFT_THREADS = 2
 
 

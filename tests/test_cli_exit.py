@@ -24,11 +24,10 @@ print("not reached")
 """
 
 
-def test_exit_now_joins_threads_runs_atexit_flushes_and_returns_the_status(tmp_path):
+def test_exit_now_joins_threads_runs_atexit_flushes_and_returns_the_status():
     out = subprocess.run([sys.executable, "-c", SCRIPT, "3"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 3
-    lines = out.stdout.splitlines()
-    kept = lines[0]
+    kept = out.stdout.splitlines()[0]
     assert "non-daemon thread finished" in out.stdout
     assert "buffered, no newline" in out.stdout and "atexit handler ran" in out.stdout
     assert out.stdout.index("non-daemon thread finished") < out.stdout.index("atexit handler ran")

@@ -7,7 +7,11 @@ from pathlib import Path
 
 SCRIPT = """
 import atexit, sys, tempfile, threading, time, os
+from concurrent.futures import ThreadPoolExecutor
 from props_ray.cli import exit_now
+
+idle = ThreadPoolExecutor(1)  # left open, as libraries leave theirs: its thread waits for work
+idle.submit(print, "pool ran").result()
 
 kept = tempfile.TemporaryDirectory()  # removed by its finalizer at exit
 print(kept.name)
@@ -24,10 +28,12 @@ print("not reached")
 """
 
 
-def test_exit_now_joins_threads_runs_atexit_flushes_and_returns_the_status():
-    out = subprocess.run([sys.executable, "-c", SCRIPT, "3"], capture_output=True, text=True, timeout=120)
+def test_exit_now_joins_threads_stops_pools_runs_atexit_flushes_and_returns_the_status():
+    # times out (the test fails) if the idle pool's thread is joined without being told to stop
+    out = subprocess.run([sys.executable, "-c", SCRIPT, "3"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 3
-    kept = out.stdout.splitlines()[0]
+    pool, kept = out.stdout.splitlines()[:2]
+    assert pool == "pool ran"
     assert "non-daemon thread finished" in out.stdout
     assert "buffered, no newline" in out.stdout and "atexit handler ran" in out.stdout
     assert out.stdout.index("non-daemon thread finished") < out.stdout.index("atexit handler ran")

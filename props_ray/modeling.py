@@ -121,6 +121,17 @@ class Reference:
 
 
 @contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` within the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def adapters_off(policy):
     """The LoRA policy as its reference for the block: adapters disabled (the tuner's own switch) and in
     eval mode; both restored after."""

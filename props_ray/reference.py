@@ -10,7 +10,6 @@ from the same reference.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -90,19 +89,9 @@ def sft_warmup(model, tokenizer, prompts, responses, steps: int, batch_size: int
 SFT_THREADS = 2
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch's intra-op threads set to ``n`` within the block, restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def build_embedded_reference(cfg: JobConfig, path: Path) -> None:
     from props_ray.embedded.model import build_tiny_model, build_tokenizer
+    from props_ray.modeling import torch_threads
 
     t0 = time.time()
     task = embedded_task(cfg)

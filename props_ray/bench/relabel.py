@@ -58,9 +58,9 @@ def _plain_loop(scorer, data: pd.DataFrame, batch_size: int) -> tuple[float, lis
     actor: (steady pairs/s, the margins of each batch)."""
     from props_ray.dpo.tokenize import PAIR_TENSORS
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from props_ray.modeling import torch_threads
+
+    with torch_threads(1):
         starts, ends, sizes, margins = [], [], [], []
         for i in range(0, len(data), batch_size):
             chunk = data.iloc[i:i + batch_size]
@@ -68,8 +68,6 @@ def _plain_loop(scorer, data: pd.DataFrame, batch_size: int) -> tuple[float, lis
             batch = {"id": chunk["id"].to_numpy(), **{k: np.stack(chunk[k].to_numpy()) for k in PAIR_TENSORS}}
             margins.append(scorer(batch)["margin"])
             starts.append(s), ends.append(time.time()), sizes.append(len(chunk))
-    finally:
-        torch.set_num_threads(threads)
     return _steady(np.array(starts), np.array(ends), np.array(sizes)), margins
 
 

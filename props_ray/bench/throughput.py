@@ -41,7 +41,7 @@ import pandas as pd
 
 from props_ray.bench.child import run_json_child
 from props_ray.config import JobConfig
-from props_ray.modeling import LORA_TARGETS
+from props_ray.modeling import LORA_TARGETS, torch_threads
 from props_ray.ray_runtime import environment_set
 
 
@@ -217,9 +217,7 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
             self.seconds.append(time.perf_counter() - self.t)
 
     datasets.disable_progress_bars()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.manual_seed(cfg.seed)
         model = load_base_model(base_path, cfg.model)
         tok = load_tokenizer(base_path)
@@ -234,8 +232,6 @@ def trl_throughput(cfg: JobConfig, base_path: str, pairs: pd.DataFrame, threads:
                                      callbacks=[timer])
             trainer.remove_callback(PrinterCallback)  # it prints the run's closing metrics as a dict
             trainer.train()
-    finally:
-        torch.set_num_threads(old_threads)
     epochs = [{"epoch": i, "epoch_seconds": s} for i, s in enumerate(timer.seconds)]
     out = steady_state(epochs, len(pairs))
     out.update(threads=threads)
